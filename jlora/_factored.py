@@ -1,0 +1,232 @@
+"""A LoRA kernel as it flows through a traced function, kept in factored form.
+
+Inside `jlora.wrap` each `LoRA` node becomes a `Factored` value: the current
+kernel ``w`` (after whatever transposes, casts and reshapes the function
+applied) plus the factors, with ``a`` laid out on the kernel's stacked and
+input axes and ``b`` on its stacked and output axes, both in the kernel's
+current axis order with the rank axis last. A matrix product against it is
+computed as ``x @ w + scale * (x @ a) @ b``; any other use sees the fused
+kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.node import LoRA, base_array
+
+
+class LayoutError(ValueError):
+  """A kernel was contracted on other axes than its LoRA layout says."""
+
+
+def _to_kernel_order(x, roles: str, keep: str, first: str) -> Any:
+  """(*stacked, *grouped, r) with axes grouped by role -> kernel order."""
+  axes = [k for k, r in enumerate(roles) if r in keep]
+  grouped = ([k for k in axes if roles[k] == "b"] +
+             [k for k in axes if roles[k] == first])
+  perm = [grouped.index(k) for k in axes] + [len(axes)]
+  return jnp.transpose(x, perm)
+
+
+@jax.tree_util.register_pytree_node_class
+class Factored:
+  """``w + scale * einsum(a, b)`` over the kernel's axes, never formed."""
+
+  def __init__(self, w, a, b, roles: str, orig: tuple[int, ...],
+               scale: float, path: str, layout: str):
+    self.w, self.a, self.b = w, a, b
+    self.roles, self.orig = roles, orig
+    self.scale, self.path, self.layout = scale, path, layout
+
+  def tree_flatten(self):
+    return (self.w, self.a, self.b), (self.roles, self.orig, self.scale,
+                                      self.path, self.layout)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @classmethod
+  def from_node(cls, node: LoRA) -> "Factored":
+    if node.a is None or node.b is None or node.w is None:
+      raise ValueError(
+          f"LoRA node '{node.path}' is one half of a partition; pass"
+          " jlora.combine(trainable, frozen) to the wrapped function")
+    # The base is frozen: no gradient ever flows to it, so its weight
+    # gradient is never computed.
+    w = jax.lax.stop_gradient(base_array(node.w))
+    roles, shape = node.layout, tuple(w.shape)
+    r = node.rank
+    stacked = tuple(s for s, x in zip(shape, roles) if x == "b")
+    in_sizes = tuple(s for s, x in zip(shape, roles) if x == "i")
+    out_sizes = tuple(s for s, x in zip(shape, roles) if x == "o")
+    a = _to_kernel_order(node.a.reshape(*stacked, *in_sizes, r), roles, "bi",
+                         "i")
+    b = jnp.moveaxis(node.b, -2, -1).reshape(*stacked, *out_sizes, r)
+    b = _to_kernel_order(b, roles, "bo", "o")
+    return cls(w, a, b, roles, tuple(range(len(shape))), node.scale,
+               node.path, node.layout)
+
+  def replace(self, **kw) -> "Factored":
+    fields = dict(w=self.w, a=self.a, b=self.b, roles=self.roles,
+                  orig=self.orig, scale=self.scale, path=self.path,
+                  layout=self.layout)
+    fields.update(kw)
+    return Factored(**fields)
+
+  # -- structural ops that keep the factored form --------------------------
+
+  def transpose(self, perm) -> "Factored":
+    perm = tuple(int(p) for p in perm)
+    roles = "".join(self.roles[p] for p in perm)
+
+    def factor_perm(keep):
+      old = [k for k, r in enumerate(self.roles) if r in keep]
+      new = [p for p in perm if self.roles[p] in keep]
+      return [old.index(p) for p in new] + [len(old)]
+
+    return self.replace(
+        w=jnp.transpose(self.w, perm), roles=roles,
+        orig=tuple(self.orig[p] for p in perm),
+        a=jnp.transpose(self.a, factor_perm("bi")),
+        b=jnp.transpose(self.b, factor_perm("bo")))
+
+  def astype(self, dtype) -> "Factored":
+    return self.replace(w=self.w.astype(dtype), a=self.a.astype(dtype),
+                        b=self.b.astype(dtype))
+
+  def reshape(self, new_shape) -> "Factored | None":
+    """Reshape that only splits/merges axes of one role; else None."""
+    old = tuple(self.w.shape)
+    new = tuple(int(s) for s in new_shape)
+    groups = _reshape_groups(old, new)
+    if groups is None:
+      return None
+    roles, orig = [], []
+    for old_axes, new_axes in groups:
+      group_roles = {self.roles[k] for k in old_axes if old[k] != 1}
+      if len(group_roles) > 1:
+        return None
+      role = group_roles.pop() if group_roles else (
+          self.roles[old_axes[0]] if old_axes else "b")
+      if not old_axes and role != "b":
+        return None
+      roles += [role] * len(new_axes)
+      orig += [self.orig[old_axes[0]] if old_axes else -1] * len(new_axes)
+    roles = "".join(roles)
+    if "i" not in roles or "o" not in roles:
+      return None
+    # Size-1 axes that changed role (or appeared) make the factors' shapes
+    # follow from the new kernel shape and roles alone.
+    a_shape = [s for s, r in zip(new, roles) if r in "bi"] + [self.a.shape[-1]]
+    b_shape = [s for s, r in zip(new, roles) if r in "bo"] + [self.b.shape[-1]]
+    if math.prod(a_shape) != self.a.size or math.prod(b_shape) != self.b.size:
+      return None
+    return self.replace(w=self.w.reshape(new), a=self.a.reshape(a_shape),
+                        b=self.b.reshape(b_shape), roles=roles,
+                        orig=tuple(orig))
+
+  def slice_leading(self, w, a, b) -> "Factored":
+    """The value one step of a scan over the leading stacked axis sees."""
+    return self.replace(w=w, a=a, b=b, roles=self.roles[1:],
+                        orig=self.orig[1:])
+
+  # -- uses ---------------------------------------------------------------
+
+  def materialize(self):
+    """The fused kernel, for uses other than a matrix product."""
+    letters = iter(string.ascii_letters)
+    kl = [next(letters) for _ in self.roles]
+    r = next(letters)
+    al = "".join(l for l, x in zip(kl, self.roles) if x in "bi") + r
+    bl = "".join(l for l, x in zip(kl, self.roles) if x in "bo") + r
+    delta = jnp.einsum(f"{al},{bl}->{''.join(kl)}", self.a, self.b)
+    delta = delta * jnp.asarray(self.scale, delta.dtype)
+    return self.w + delta.astype(self.w.dtype)
+
+  def dot_general(self, x, kernel_is_rhs: bool, params: dict, bind):
+    """``dot_general(x, kernel)`` (or kernel, x) computed factored."""
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    if kernel_is_rhs:
+      xc, kc, xb, kb = lc, rc, lb, rb
+    else:
+      xc, kc, xb, kb = rc, lc, rb, lb
+    xc, kc, xb, kb = (tuple(int(i) for i in t) for t in (xc, kc, xb, kb))
+    self._check_contraction(kc, kb)
+    base = bind(*((x, self.w) if kernel_is_rhs else (self.w, x)))
+
+    letters = iter(string.ascii_letters)
+    xl = [next(letters) for _ in range(x.ndim)]
+    kl: list[str | None] = [None] * len(self.roles)
+    for i, j in zip(xc + xb, kc + kb):
+      kl[j] = xl[i]
+    kl = [l if l is not None else next(letters) for l in kl]
+    r = next(letters)
+    al = [l for l, x_ in zip(kl, self.roles) if x_ in "bi"] + [r]
+    bl = [l for l, x_ in zip(kl, self.roles) if x_ in "bo"] + [r]
+    contracted = {kl[j] for j in kc}
+    tl = [l for l in xl if l not in contracted]
+    tl += [l for l in al[:-1] if l not in tl and l not in contracted] + [r]
+    x_free = [xl[i] for i in range(x.ndim) if i not in xc and i not in xb]
+    k_free = [kl[j] for j in range(len(kl)) if j not in kc and j not in kb]
+    batch = [xl[i] for i in xb]
+    out = batch + (x_free + k_free if kernel_is_rhs else k_free + x_free)
+
+    dtype = self.w.dtype
+    out_dtype = params.get("preferred_element_type") or base.dtype
+    precision = params.get("precision")
+    t = jnp.einsum(f"{''.join(xl)},{''.join(al)}->{''.join(tl)}", x,
+                   self.a.astype(dtype), precision=precision,
+                   preferred_element_type=out_dtype)
+    t = (t * jnp.asarray(self.scale, t.dtype)).astype(dtype)
+    delta = jnp.einsum(f"{''.join(tl)},{''.join(bl)}->{''.join(out)}", t,
+                       self.b.astype(dtype), precision=precision,
+                       preferred_element_type=out_dtype)
+    return base + delta.astype(base.dtype)
+
+  def _check_contraction(self, kc, kb):
+    inputs = {k for k, r in enumerate(self.roles) if r == "i"}
+    if set(kc) == inputs and not any(self.roles[k] == "o" for k in kb):
+      return
+    # Name the layout that would fit, in the kernel's original axis order.
+    suggested = ["o"] * len(self.layout)
+    for k in kb:
+      if self.orig[k] >= 0:
+        suggested[self.orig[k]] = "b"
+    for k in kc:
+      if self.orig[k] >= 0:
+        suggested[self.orig[k]] = "i"
+    suggestion = "".join(suggested)
+    raise LayoutError(
+        f"LoRA kernel '{self.path}' (layout '{self.layout}') is contracted on"
+        f" its axes {sorted(self.orig[k] for k in kc)} but its layout says the"
+        f" input axes are {[k for k, r in enumerate(self.layout) if r == 'i']}."
+        f" Re-create the adapter with jlora.apply(...,"
+        f" layout={{{self.path!r}: {suggestion!r}}}).")
+
+
+def _reshape_groups(old, new):
+  """Pairs (old axes, new axes) of contiguous groups with equal products."""
+  groups, i, j = [], 0, 0
+  while i < len(old) or j < len(new):
+    gi, gj, po, pn = [], [], 1, 1
+    if i < len(old):
+      po *= old[i]; gi.append(i); i += 1
+    if j < len(new):
+      pn *= new[j]; gj.append(j); j += 1
+    while po != pn:
+      if po < pn and i < len(old):
+        po *= old[i]; gi.append(i); i += 1
+      elif pn < po and j < len(new):
+        pn *= new[j]; gj.append(j); j += 1
+      else:
+        return None
+    groups.append((gi, gj))
+  return groups

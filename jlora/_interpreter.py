@@ -1,0 +1,165 @@
+"""Evaluates a jaxpr in which some inputs are `Factored` LoRA kernels.
+
+Every equation whose inputs are plain arrays is bound as it is. Equations
+that touch a `Factored` value have a rule: matrix products are computed
+factored, layout-only ops (transpose, cast, reshape) keep the factored form,
+and calls (`jit`, `checkpoint`, `scan`) are re-entered so the kernels stay
+factored inside them. Anything else sees the fused kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import jax
+from jax import lax
+from jax.extend import core as jex_core
+from jax.extend.core import primitives as prims
+
+from jlora._factored import Factored
+
+_Literal = jex_core.Literal
+_DropVar = jex_core.DropVar
+
+
+def _is_factored(x: Any) -> bool:
+  return isinstance(x, Factored)
+
+
+def _fused(x: Any) -> Any:
+  return x.materialize() if _is_factored(x) else x
+
+
+def bind(eqn, invals):
+  """Binds `eqn`'s primitive to new inputs, as `jax.core.eval_jaxpr` does."""
+  params = eqn.primitive.get_bind_params(eqn.params)
+  subfuns = ()
+  if isinstance(params, tuple):  # older JAX returns (subfuns, params)
+    subfuns, params = params
+  ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+  with ctx if ctx is not None else contextlib.nullcontext():
+    out = eqn.primitive.bind(*subfuns, *invals, **params)
+  return out if eqn.primitive.multiple_results else [out]
+
+
+def eval_jaxpr(jaxpr, consts, args, *, fuse_outputs: bool) -> list[Any]:
+  env: dict[Any, Any] = {}
+
+  def read(v):
+    return v.val if isinstance(v, _Literal) else env[v]
+
+  def write(v, value):
+    if not isinstance(v, _DropVar):
+      env[v] = value
+
+  for v, x in zip(jaxpr.constvars, consts):
+    write(v, x)
+  for v, x in zip(jaxpr.invars, args):
+    write(v, x)
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if any(_is_factored(x) for x in invals):
+      rule = _RULES.get(eqn.primitive.name, _fuse_rule)
+      outs = rule(eqn, invals)
+    else:
+      outs = bind(eqn, invals)
+    for v, x in zip(eqn.outvars, outs):
+      write(v, x)
+  outs = [read(v) for v in jaxpr.outvars]
+  return [_fused(x) for x in outs] if fuse_outputs else outs
+
+
+def _fuse_rule(eqn, invals):
+  return bind(eqn, [_fused(x) for x in invals])
+
+
+def _dot_general_rule(eqn, invals):
+  lhs, rhs = invals
+  if _is_factored(lhs) and _is_factored(rhs):
+    return _fuse_rule(eqn, invals)
+  kernel, x, kernel_is_rhs = (rhs, lhs, True) if _is_factored(rhs) else (
+      lhs, rhs, False)
+  return [kernel.dot_general(x, kernel_is_rhs, eqn.params,
+                             lambda *ops: bind(eqn, ops)[0])]
+
+
+def _transpose_rule(eqn, invals):
+  return [invals[0].transpose(eqn.params["permutation"])]
+
+
+def _convert_rule(eqn, invals):
+  dtype = eqn.params["new_dtype"]
+  if not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+    return _fuse_rule(eqn, invals)
+  return [invals[0].astype(dtype)]
+
+
+def _reshape_rule(eqn, invals):
+  if eqn.params.get("dimensions") is None:
+    out = invals[0].reshape(eqn.params["new_sizes"])
+    if out is not None:
+      return [out]
+  return _fuse_rule(eqn, invals)
+
+
+def _kernel_passthrough_rule(eqn, invals):
+  """Ops that leave values unchanged (copies, sharding hints) act on w."""
+  if len(invals) != 1:
+    return _fuse_rule(eqn, invals)
+  kernel = invals[0]
+  return [kernel.replace(w=bind(eqn, [kernel.w])[0])]
+
+
+def _jit_rule(eqn, invals):
+  closed = eqn.params["jaxpr"]
+  return eval_jaxpr(closed.jaxpr, closed.consts, invals, fuse_outputs=False)
+
+
+def _remat_rule(eqn, invals):
+  jaxpr = eqn.params["jaxpr"]
+
+  def body(*args):
+    return eval_jaxpr(jaxpr, (), args, fuse_outputs=True)
+
+  return jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"],
+                        policy=eqn.params["policy"])(*invals)
+
+
+def _scan_rule(eqn, invals):
+  p = eqn.params
+  n_consts, n_carry = p["num_consts"], p["num_carry"]
+  consts = invals[:n_consts]
+  init = [_fused(x) for x in invals[n_consts:n_consts + n_carry]]
+  # A kernel stacked along the scanned axis stays factored, sliced per step.
+  xs = [x if not _is_factored(x) or x.roles[0] == "b" else x.materialize()
+        for x in invals[n_consts + n_carry:]]
+  templates = [x if _is_factored(x) else None for x in xs]
+  xs_flat = [(x.w, x.a, x.b) if _is_factored(x) else x for x in xs]
+  closed = p["jaxpr"]
+
+  def body(carry, x_slices):
+    x_vals = [t.slice_leading(*x) if t is not None else x
+              for t, x in zip(templates, x_slices)]
+    outs = eval_jaxpr(closed.jaxpr, closed.consts,
+                      [*consts, *carry, *x_vals], fuse_outputs=True)
+    return outs[:n_carry], outs[n_carry:]
+
+  carry, ys = lax.scan(body, init, xs_flat, length=p["length"],
+                       reverse=p["reverse"], unroll=p["unroll"])
+  return [*carry, *ys]
+
+
+_RULES: dict[str, Callable] = {
+    "dot_general": _dot_general_rule,
+    "transpose": _transpose_rule,
+    "convert_element_type": _convert_rule,
+    "reshape": _reshape_rule,
+    "copy": _kernel_passthrough_rule,
+    "copy_p": _kernel_passthrough_rule,
+    "sharding_constraint": _kernel_passthrough_rule,
+    prims.jit_p.name: _jit_rule,
+    "pjit": _jit_rule,
+    prims.remat_p.name: _remat_rule,
+    prims.scan_p.name: _scan_rule,
+}

@@ -1,0 +1,138 @@
+"""`apply`: replace targeted kernels of a params tree by `LoRA` nodes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora import _paths
+from jlora.node import LoRA, check_layout, default_layout, factor_shapes, is_lora
+from jlora.targets import Selector, pattern_value, select
+
+
+def _adapter_dtype(w_dtype, dtype):
+  if dtype is not None:
+    return jnp.dtype(dtype)
+  if not jnp.issubdtype(w_dtype, jnp.floating):
+    return jnp.dtype(jnp.float32)
+  # Adapters train in at least float32, as PEFT's autocast_adapter_dtype does.
+  return jnp.promote_types(w_dtype, jnp.float32)
+
+
+def _check_rank(rank: Any, path: str, fan_in: int, fan_out: int) -> int:
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    raise ValueError(
+        f"rank must be a positive int, got {rank!r} for '{path}'")
+  if rank > min(fan_in, fan_out):
+    raise ValueError(
+        f"rank {rank} exceeds min(in, out) = {min(fan_in, fan_out)} for"
+        f" '{path}' (in={fan_in}, out={fan_out}); use rank <= "
+        f"{min(fan_in, fan_out)} or exclude it")
+  return rank
+
+
+def _adapter_shardings(w: Any, layout: str):
+  """Shardings for (a, b) derived from a concrete kernel's NamedSharding.
+
+  `a` takes the spec of the kernel's stacked axes and of its first input
+  axis, `b` those of its stacked axes and of its first output axis; the rank
+  axis is replicated. XLA propagates the rest.
+  """
+  sharding = getattr(w, "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding) or isinstance(
+      w, jax.core.Tracer):
+    return None, None
+  spec = tuple(sharding.spec) + (None,) * (len(layout) - len(sharding.spec))
+  stacked = [s for s, r in zip(spec, layout) if r == "b"]
+  first_in = next(s for s, r in zip(spec, layout) if r == "i")
+  first_out = next(s for s, r in zip(spec, layout) if r == "o")
+  P = jax.sharding.PartitionSpec
+  return (jax.sharding.NamedSharding(sharding.mesh, P(*stacked, first_in, None)),
+          jax.sharding.NamedSharding(sharding.mesh, P(*stacked, None, first_out)))
+
+
+def init_adapter(key, w: Any, rank: int, layout: str, dtype=None):
+  """Default init: ``a ~ U(-1/sqrt(in), 1/sqrt(in))``, ``b = 0``.
+
+  The bound is PEFT's (kaiming-uniform with a=sqrt(5) on lora_A).
+  Shapes: a (*stacked, in, r), b (*stacked, r, out).
+  """
+  stacked, fan_in, fan_out = factor_shapes(layout, tuple(w.shape))
+  dtype = _adapter_dtype(w.dtype, dtype)
+  bound = 1.0 / math.sqrt(fan_in)
+  a = jax.random.uniform(key, (*stacked, fan_in, rank), dtype, -bound, bound)
+  b = jnp.zeros((*stacked, rank, fan_out), dtype)
+  a_sharding, b_sharding = _adapter_shardings(w, layout)
+  if a_sharding is not None:
+    a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
+  return a, b
+
+
+def apply(params: Any, rank: int, *, alpha: float | None = None,
+          targets: Selector = None, exclude: Selector = None,
+          key: jax.Array | None = None, dtype: Any = None,
+          layout: dict[str, str] | None = None, rslora: bool = False,
+          rank_pattern: dict[str, int] | None = None,
+          alpha_pattern: dict[str, float] | None = None) -> Any:
+  """Returns `params` with each targeted kernel replaced by a `LoRA` node.
+
+  Args:
+    params: any pytree of arrays: a linen params dict, a `FrozenDict`, or an
+      `nnx.State` from `nnx.split`.
+    rank: adapter rank r, a positive int <= min(in, out) of every target.
+    alpha: scaling numerator; ``scale = alpha / r``. Defaults to ``rank``
+      (scale 1).
+    targets: regex searched in each '/'-joined path, a list of them, a
+      callable ``(path, leaf) -> bool`` or ``"all-linear"`` (the default:
+      every ``kernel`` with ndim >= 2 except an output head).
+    exclude: same forms; removes paths from the targets.
+    key: PRNG key for the random init of ``a`` (required).
+    dtype: adapter dtype; default float32 (float64 for a float64 base).
+    layout: ``{regex: roles}`` with one letter per kernel axis: 'b' a stacked
+      axis (one adapter per index), 'i' an input (contracted) axis, 'o' an
+      output axis. Default: leading axes 'b', then 'io', e.g. 'bio' for a
+      scanned (layers, in, out) kernel. A DenseGeneral kernel (in, heads,
+      head_dim) is 'ioo'; an output projection (heads, head_dim, out) 'iio'.
+    rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+    rank_pattern, alpha_pattern: ``{regex: value}`` overriding rank/alpha for
+      matching paths (first match wins).
+
+  Returns:
+    The same tree, targeted kernels replaced by `LoRA` nodes with ``a`` of
+    shape (*stacked, in, r) and ``b`` of shape (*stacked, r, out).
+
+  Example:
+    >>> lp = jlora.apply(params, rank=8, alpha=16.0, targets="q_proj|v_proj",
+    ...                  key=jax.random.key(0))
+    >>> print(jlora.summary(lp))
+  """
+  leaves = _paths.leaves_with_path(params)
+  existing = [p for p, x in leaves if is_lora(x)]
+  if existing:
+    raise ValueError(
+        f"params already hold LoRA adapters at {existing[:5]}; call"
+        " jlora.merge(params) first to stack a new adapter on a fused base")
+  chosen = select(leaves, targets, exclude)
+  if key is None:
+    raise ValueError("jlora.apply needs a PRNG key for the adapters' random"
+                     " init, e.g. key=jax.random.key(0)")
+  keys = dict(zip(chosen, jax.random.split(key, max(len(chosen), 1))))
+
+  def replace(path: str, leaf: Any) -> Any:
+    if path not in keys:
+      return leaf
+    roles = pattern_value(path, layout, None) or default_layout(leaf.ndim)
+    check_layout(roles, tuple(leaf.shape), path)
+    _, fan_in, fan_out = factor_shapes(roles, tuple(leaf.shape))
+    r = _check_rank(pattern_value(path, rank_pattern, rank), path, fan_in,
+                    fan_out)
+    a_value = pattern_value(path, alpha_pattern, alpha)
+    a, b = init_adapter(keys[path], leaf, r, roles, dtype)
+    return LoRA(w=leaf, a=a, b=b,
+                alpha=float(r if a_value is None else a_value),
+                layout=roles, rslora=rslora, path=path)
+
+  return _paths.map_with_path(replace, params)

@@ -1,0 +1,147 @@
+"""The `LoRA` pytree node: a frozen kernel plus a trainable low-rank update."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = Any
+
+_ROLES = frozenset("bio")
+
+
+def default_layout(ndim: int) -> str:
+  """Layout of a kernel whose last two axes are (in, out), leading axes stacked.
+
+  >>> default_layout(3)
+  'bio'
+  """
+  if ndim < 2:
+    raise ValueError(f"a LoRA kernel needs at least 2 axes, got {ndim}")
+  return "b" * (ndim - 2) + "io"
+
+
+def check_layout(layout: str, shape: tuple[int, ...], path: str = "") -> None:
+  """Raises ValueError unless `layout` is a valid role string for `shape`."""
+  where = f" for '{path}'" if path else ""
+  if len(layout) != len(shape):
+    raise ValueError(
+        f"layout '{layout}'{where} has {len(layout)} letters but the kernel has"
+        f" shape {tuple(shape)} ({len(shape)} axes); give one letter per axis:"
+        " 'b' stacked/batch, 'i' input (contracted), 'o' output")
+  if set(layout) - _ROLES:
+    raise ValueError(
+        f"layout '{layout}'{where} may only use the letters 'b' (stacked axis),"
+        " 'i' (input axis) and 'o' (output axis)")
+  if "i" not in layout or "o" not in layout:
+    raise ValueError(
+        f"layout '{layout}'{where} needs at least one input axis 'i' and one"
+        " output axis 'o'")
+
+
+def factor_shapes(layout: str, shape: tuple[int, ...]):
+  """Returns (batch_shape, in_size, out_size) of a kernel under `layout`."""
+  batch = tuple(s for s, r in zip(shape, layout) if r == "b")
+  fan_in = math.prod(s for s, r in zip(shape, layout) if r == "i")
+  fan_out = math.prod(s for s, r in zip(shape, layout) if r == "o")
+  return batch, fan_in, fan_out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+  """A kernel with a low-rank adapter: ``W' = w + scale * a @ b``.
+
+  Replaces a kernel leaf in a params tree. ``w`` is the frozen base kernel,
+  untouched; ``a`` and ``b`` are the trainable factors. With ``layout`` giving
+  each kernel axis a role ('b' stacked, 'i' input, 'o' output), and
+  ``in = prod(input axes)``, ``out = prod(output axes)``:
+
+  - ``w``: the kernel, any shape, e.g. (in, out) or (layers, in, out).
+  - ``a``: (*stacked, in, r), initialised at random (see `jlora.apply`).
+  - ``b``: (*stacked, r, out), initialised at zero, so training starts from
+    the base model and ``merge(apply(params)) == params`` bit for bit.
+  - ``alpha`` (static): ``scale = alpha / r`` (``alpha / sqrt(r)`` when
+    ``rslora``).
+
+  Any of ``w``, ``a``, ``b`` may be ``None`` in a partitioned half (see
+  `jlora.partition`).
+
+  Example:
+    >>> node = jlora.apply({"kernel": w}, rank=4, key=key)["kernel"]
+    >>> node.rank, node.scale
+    (4, 2.0)
+
+  References:
+    Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021.
+  """
+
+  w: Array
+  a: Array
+  b: Array
+  alpha: float = dataclasses.field(metadata=dict(static=True), default=1.0)
+  layout: str = dataclasses.field(metadata=dict(static=True), default="io")
+  rslora: bool = dataclasses.field(metadata=dict(static=True), default=False)
+  path: str = dataclasses.field(metadata=dict(static=True), default="")
+
+  @property
+  def rank(self) -> int:
+    ref = self.a if self.a is not None else self.b
+    if ref is None:
+      raise ValueError(f"LoRA node '{self.path}' holds no adapter arrays")
+    return int(ref.shape[-1] if ref is self.a else ref.shape[-2])
+
+  @property
+  def scale(self) -> float:
+    r = self.rank
+    return self.alpha / math.sqrt(r) if self.rslora else self.alpha / r
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.w.shape)
+
+  @property
+  def dtype(self):
+    return self.w.dtype
+
+  def delta(self, dtype=None) -> Array:
+    """``scale * a @ b`` laid out like ``w`` (forms the full matrix)."""
+    if self.a is None or self.b is None or self.w is None:
+      raise ValueError(
+          f"LoRA node '{self.path}' is one half of a partition; use"
+          " jlora.combine(trainable, frozen) first")
+    ab = jnp.einsum("...ir,...ro->...io", self.a, self.b,
+                    precision=jax.lax.Precision.HIGHEST)
+    ab = ab * jnp.asarray(self.scale, ab.dtype)
+    return _to_kernel_layout(ab, self.layout, self.shape).astype(
+        dtype or ab.dtype)
+
+  def materialize(self) -> Array:
+    """The fused kernel ``w + scale * a @ b`` in ``w``'s dtype."""
+    w = base_array(self.w)
+    acc = jnp.promote_types(w.dtype, jnp.float32)
+    return (w.astype(acc) + self.delta(acc)).astype(w.dtype)
+
+
+def _to_kernel_layout(ab: Array, layout: str, shape) -> Array:
+  """(*stacked, in, out) -> the kernel's own axis order and shape."""
+  order = ([k for k, r in enumerate(layout) if r == "b"] +
+           [k for k, r in enumerate(layout) if r == "i"] +
+           [k for k, r in enumerate(layout) if r == "o"])
+  ab = ab.reshape(tuple(shape[k] for k in order))
+  return jnp.transpose(ab, np.argsort(order))
+
+
+def base_array(w: Array) -> Array:
+  """The base kernel as a plain array (dequantizing a quantized base)."""
+  dequantize = getattr(w, "dequantize", None)
+  return dequantize() if callable(dequantize) else w
+
+
+def is_lora(x: Any) -> bool:
+  return isinstance(x, LoRA)

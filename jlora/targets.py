@@ -1,0 +1,104 @@
+"""Which leaves of a params tree get adapters.
+
+A *selector* is a regex (searched in the '/'-joined key path, e.g.
+``layers_0/self_attn/q_proj/kernel``), a list of selectors, a callable
+``(path, leaf) -> bool``, or ``"all-linear"``: every Dense-style kernel (a leaf
+named ``kernel`` with at least two axes) except an output head, as PEFT's
+``target_modules="all-linear"`` does.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any, Callable, Sequence, Union
+
+Selector = Union[str, Callable[[str, Any], bool], Sequence[Any], None]
+
+ALL_LINEAR = "all-linear"
+
+# Output heads that "all-linear" leaves alone: adapting the vocabulary
+# projection is rarely wanted and costs the most.
+HEAD_PATTERN = re.compile(
+    r"(^|/)(lm_head|head|output_head|classifier|score|logits)(/|$)")
+
+
+def is_matrix(leaf: Any) -> bool:
+  shape = getattr(leaf, "shape", None)
+  return shape is not None and len(shape) >= 2 and hasattr(leaf, "dtype")
+
+
+def is_linear_kernel(path: str, leaf: Any) -> bool:
+  """A leaf named ``kernel`` with ndim >= 2 that is not an output head."""
+  return (path.rsplit("/", 1)[-1] == "kernel" and is_matrix(leaf)
+          and not HEAD_PATTERN.search(path))
+
+
+def _as_list(selector: Selector) -> list[Any]:
+  if selector is None:
+    return []
+  if isinstance(selector, (str, re.Pattern)) or callable(selector):
+    return [selector]
+  return list(selector)
+
+
+def _matcher(sel: Any) -> Callable[[str, Any], bool]:
+  if isinstance(sel, str) and sel == ALL_LINEAR:
+    return is_linear_kernel
+  if isinstance(sel, (str, re.Pattern)):
+    rx = re.compile(sel)
+    return lambda path, leaf: rx.search(path) is not None
+  if callable(sel):
+    return lambda path, leaf: bool(sel(path, leaf))
+  raise TypeError(
+      f"a target must be a regex string, a callable (path, leaf) -> bool or"
+      f" '{ALL_LINEAR}', got {type(sel).__name__}: {sel!r}")
+
+
+def _near_misses(sel: Any, paths: list[str], n: int = 5) -> list[str]:
+  if not isinstance(sel, str):
+    return paths[:n]
+  text = re.sub(r"[\\^$.*+?()\[\]{}|]", "", sel)
+  scored = sorted(paths, key=lambda p: -difflib.SequenceMatcher(
+      None, text, p).ratio())
+  return scored[:n]
+
+
+def select(leaves: list[tuple[str, Any]], targets: Selector = None,
+           exclude: Selector = None) -> list[str]:
+  """Paths of the matrix leaves chosen by `targets` minus `exclude`.
+
+  Every explicit target must match at least one matrix leaf; one that
+  matches none raises ValueError listing near-miss paths.
+
+  >>> select([("dense/kernel", w), ("dense/bias", b)], "dense")
+  ['dense/kernel']
+  """
+  matrices = [(p, x) for p, x in leaves if is_matrix(x)]
+  all_paths = [p for p, _ in leaves]
+  chosen: set[str] = set()
+  for sel in _as_list(targets) or [ALL_LINEAR]:
+    match = _matcher(sel)
+    hits = [p for p, x in matrices if match(p, x)]
+    if not hits:
+      non_matrix = [p for p, x in leaves if not is_matrix(x) and match(p, x)]
+      hint = (f" It matched only leaves with fewer than 2 axes: {non_matrix}."
+              if non_matrix else "")
+      near = _near_misses(sel, [p for p, _ in matrices] or all_paths)
+      raise ValueError(
+          f"target {sel!r} matched no kernel (a leaf with >= 2 axes).{hint}"
+          f" Closest paths: {near}. Targets are regexes searched in the"
+          " '/'-joined path, e.g. r'(q_proj|v_proj)/kernel'.")
+    chosen.update(hits)
+  for sel in _as_list(exclude):
+    match = _matcher(sel)
+    chosen -= {p for p, x in matrices if match(p, x)}
+  return [p for p, _ in matrices if p in chosen]
+
+
+def pattern_value(path: str, patterns: dict[str, Any] | None, default: Any):
+  """The value of the first regex in `patterns` found in `path`."""
+  for rx, value in (patterns or {}).items():
+    if re.search(rx, path):
+      return value
+  return default

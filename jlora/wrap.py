@@ -1,0 +1,71 @@
+"""`wrap`: call any function of the params with LoRA kernels kept factored."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jlora._factored import Factored
+from jlora._interpreter import eval_jaxpr
+from jlora.node import is_lora
+
+
+def _is_dynamic(x: Any) -> bool:
+  return is_lora(x) or isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _abstract(x: Any) -> Any:
+  if is_lora(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+  return x
+
+
+def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Makes `fn` LoRA-aware: same signature, kernels given as `LoRA` nodes.
+
+  Inside the returned function every matrix product against a LoRA kernel is
+  computed factored, ``x @ w + scale * ((x @ a) @ b)``: the (in, out) update
+  ``a @ b`` is never formed and the frozen ``w`` gets no gradient, so its
+  weight gradient is never computed. Any other use of the kernel (an
+  elementwise op, a gather) sees the fused ``w + scale * a @ b``. Works
+  through `jit`, `jax.checkpoint`, `lax.scan` (e.g. `nn.scan` over stacked
+  layers) and `custom_vjp` functions inside `fn`, and composes with `jit`,
+  `grad` and `vmap` outside it.
+
+  Array arguments (and `LoRA` nodes) are traced; every other argument
+  (Python scalars, strings, flags) is passed to `fn` as a constant.
+
+  Example:
+    >>> forward = jlora.wrap(model.apply)
+    >>> logits = forward({"params": lp}, x)
+    >>> grads = jax.grad(lambda t: loss(forward({"params": jlora.combine(t, frozen)}, x)))(trainable)
+
+  Raises:
+    LayoutError: a kernel is contracted on other axes than its layout says.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_lora)
+    dynamic = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
+    if not any(is_lora(leaves[i]) for i in dynamic):
+      return fn(*args, **kwargs)
+
+    def flat_fn(*values):
+      full = list(leaves)
+      for i, v in zip(dynamic, values):
+        full[i] = v
+      a, k = jax.tree.unflatten(treedef, full)
+      return fn(*a, **k)
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
+        *[_abstract(leaves[i]) for i in dynamic])
+    inputs = [Factored.from_node(leaves[i]) if is_lora(leaves[i])
+              else leaves[i] for i in dynamic]
+    outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs, fuse_outputs=True)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+  return wrapped
