@@ -39,26 +39,31 @@ def _to_kernel_order(x, roles: str, keep: str, first: str) -> Any:
 class Factored:
   """``w + scale * einsum(a, b)`` over the kernel's axes, never formed."""
 
-  def __init__(self, w, a, b, roles: str, orig: tuple[int, ...],
-               scale: float, path: str, layout: str):
+  def __init__(self, w, a, b, gain, rng, roles: str, orig: tuple[int, ...],
+               scale: float, path: str, layout: str, dropout: float):
     self.w, self.a, self.b = w, a, b
+    # DoRA's per-output gain m / ||W'|| shaped like w with size-1 input axes.
+    self.gain = gain
+    # Dropout key of the adapter path, one per stacked index.
+    self.rng = rng
     self.roles, self.orig = roles, orig
     self.scale, self.path, self.layout = scale, path, layout
+    self.dropout = dropout
+
+  _CHILDREN = ("w", "a", "b", "gain", "rng")
+  _AUX = ("roles", "orig", "scale", "path", "layout", "dropout")
 
   def tree_flatten(self):
-    return (self.w, self.a, self.b), (self.roles, self.orig, self.scale,
-                                      self.path, self.layout)
+    return (tuple(getattr(self, k) for k in self._CHILDREN),
+            tuple(getattr(self, k) for k in self._AUX))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     return cls(*children, *aux)
 
   @classmethod
-  def from_node(cls, node: LoRA) -> "Factored":
-    if node.a is None or node.b is None or node.w is None:
-      raise ValueError(
-          f"LoRA node '{node.path}' is one half of a partition; pass"
-          " jlora.combine(trainable, frozen) to the wrapped function")
+  def from_node(cls, node: LoRA, rng=None) -> "Factored":
+    node.check_complete()
     # The base is frozen: no gradient ever flows to it, so its weight
     # gradient is never computed.
     w = jax.lax.stop_gradient(base_array(node.w))
@@ -69,15 +74,22 @@ class Factored:
     out_sizes = tuple(s for s, x in zip(shape, roles) if x == "o")
     a = _to_kernel_order(node.a.reshape(*stacked, *in_sizes, r), roles, "bi",
                          "i")
-    b = jnp.moveaxis(node.b, -2, -1).reshape(*stacked, *out_sizes, r)
+    node_b = node.b if node.e is None else node.e[..., :, None] * node.b
+    b = jnp.moveaxis(node_b, -2, -1).reshape(*stacked, *out_sizes, r)
     b = _to_kernel_order(b, roles, "bo", "o")
-    return cls(w, a, b, roles, tuple(range(len(shape))), node.scale,
-               node.path, node.layout)
+    gain = None
+    if node.m is not None:
+      acc = jnp.promote_types(w.dtype, jnp.float32)
+      gain = node.column_gain(w.astype(acc) + node.delta(acc))
+    if node.dropout and rng is not None:
+      rng = jax.random.split(rng, stacked) if stacked else rng
+    else:
+      rng = None
+    return cls(w, a, b, gain, rng, roles, tuple(range(len(shape))),
+               node.scale, node.path, node.layout, node.dropout)
 
   def replace(self, **kw) -> "Factored":
-    fields = dict(w=self.w, a=self.a, b=self.b, roles=self.roles,
-                  orig=self.orig, scale=self.scale, path=self.path,
-                  layout=self.layout)
+    fields = {k: getattr(self, k) for k in self._CHILDREN + self._AUX}
     fields.update(kw)
     return Factored(**fields)
 
@@ -96,7 +108,16 @@ class Factored:
         w=jnp.transpose(self.w, perm), roles=roles,
         orig=tuple(self.orig[p] for p in perm),
         a=jnp.transpose(self.a, factor_perm("bi")),
-        b=jnp.transpose(self.b, factor_perm("bo")))
+        b=jnp.transpose(self.b, factor_perm("bo")),
+        gain=None if self.gain is None else jnp.transpose(self.gain, perm),
+        rng=self._stacked_rng_transpose(perm))
+
+  def _stacked_rng_transpose(self, perm):
+    if self.rng is None or self.rng.ndim == 0:
+      return self.rng
+    old = [k for k, r in enumerate(self.roles) if r == "b"]
+    return jnp.transpose(self.rng, [old.index(p) for p in perm
+                                    if self.roles[p] == "b"])
 
   def astype(self, dtype) -> "Factored":
     return self.replace(w=self.w.astype(dtype), a=self.a.astype(dtype),
@@ -129,14 +150,24 @@ class Factored:
     b_shape = [s for s, r in zip(new, roles) if r in "bo"] + [self.b.shape[-1]]
     if math.prod(a_shape) != self.a.size or math.prod(b_shape) != self.b.size:
       return None
+    gain = self.gain
+    if gain is not None:
+      gain = gain.reshape([1 if r == "i" else s for s, r in zip(new, roles)])
+    rng = self.rng
+    if rng is not None and rng.ndim:
+      rng = rng.reshape([s for s, r in zip(new, roles) if r == "b"])
     return self.replace(w=self.w.reshape(new), a=self.a.reshape(a_shape),
                         b=self.b.reshape(b_shape), roles=roles,
-                        orig=tuple(orig))
+                        orig=tuple(orig), gain=gain, rng=rng)
 
-  def slice_leading(self, w, a, b) -> "Factored":
+  def scanned(self):
+    """The arrays a scan over the leading stacked axis slices."""
+    return (self.w, self.a, self.b, self.gain, self.rng)
+
+  def slice_leading(self, w, a, b, gain, rng) -> "Factored":
     """The value one step of a scan over the leading stacked axis sees."""
-    return self.replace(w=w, a=a, b=b, roles=self.roles[1:],
-                        orig=self.orig[1:])
+    return self.replace(w=w, a=a, b=b, gain=gain, rng=rng,
+                        roles=self.roles[1:], orig=self.orig[1:])
 
   # -- uses ---------------------------------------------------------------
 
@@ -149,7 +180,10 @@ class Factored:
     bl = "".join(l for l, x in zip(kl, self.roles) if x in "bo") + r
     delta = jnp.einsum(f"{al},{bl}->{''.join(kl)}", self.a, self.b)
     delta = delta * jnp.asarray(self.scale, delta.dtype)
-    return self.w + delta.astype(self.w.dtype)
+    fused = self.w + delta.astype(self.w.dtype)
+    if self.gain is not None:
+      fused = fused * self.gain.astype(fused.dtype)
+    return fused
 
   def dot_general(self, x, kernel_is_rhs: bool, params: dict, bind):
     """``dot_general(x, kernel)`` (or kernel, x) computed factored."""
@@ -182,14 +216,27 @@ class Factored:
     dtype = self.w.dtype
     out_dtype = params.get("preferred_element_type") or base.dtype
     precision = params.get("precision")
-    t = jnp.einsum(f"{''.join(xl)},{''.join(al)}->{''.join(tl)}", x,
-                   self.a.astype(dtype), precision=precision,
+    t = jnp.einsum(f"{''.join(xl)},{''.join(al)}->{''.join(tl)}",
+                   self._dropout(x), self.a.astype(dtype), precision=precision,
                    preferred_element_type=out_dtype)
     t = (t * jnp.asarray(self.scale, t.dtype)).astype(dtype)
     delta = jnp.einsum(f"{''.join(tl)},{''.join(bl)}->{''.join(out)}", t,
                        self.b.astype(dtype), precision=precision,
                        preferred_element_type=out_dtype)
-    return base + delta.astype(base.dtype)
+    y = base + delta.astype(base.dtype)
+    if self.gain is not None:
+      gl = [l for l, x_ in zip(kl, self.roles) if x_ != "i"]
+      gain = jnp.squeeze(self.gain, [k for k, x_ in enumerate(self.roles)
+                                     if x_ == "i"]).astype(y.dtype)
+      y = jnp.einsum(f"{''.join(out)},{''.join(gl)}->{''.join(out)}", y, gain)
+    return y
+
+  def _dropout(self, x):
+    if self.rng is None:
+      return x
+    key = self.rng if self.rng.ndim == 0 else self.rng.reshape(-1)[0]
+    keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
 
   def _check_contraction(self, kc, kb):
     inputs = {k for k, r in enumerate(self.roles) if r == "i"}

@@ -135,7 +135,7 @@ def _scan_rule(eqn, invals):
   xs = [x if not _is_factored(x) or x.roles[0] == "b" else x.materialize()
         for x in invals[n_consts + n_carry:]]
   templates = [x if _is_factored(x) else None for x in xs]
-  xs_flat = [(x.w, x.a, x.b) if _is_factored(x) else x for x in xs]
+  xs_flat = [x.scanned() if _is_factored(x) else x for x in xs]
   closed = p["jaxpr"]
 
   def body(carry, x_slices):

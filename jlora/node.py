@@ -68,6 +68,13 @@ class LoRA:
     the base model and ``merge(apply(params)) == params`` bit for bit.
   - ``alpha`` (static): ``scale = alpha / r`` (``alpha / sqrt(r)`` when
     ``rslora``).
+  - ``e`` (optional): (*stacked, r) per-rank gains, the update becoming
+    ``a @ diag(e) @ b`` (AdaLoRA's singular values; masked ranks are zero).
+  - ``m`` (optional): (*stacked, out) DoRA magnitude; the fused kernel is
+    ``m * W' / ||W'||`` with the norm per output column, taken as a constant
+    in the backward pass.
+  - ``dropout`` (static): dropout rate on the adapter path's input, active
+    when the wrapped call is given ``lora_rng`` (see `jlora.wrap`).
 
   Any of ``w``, ``a``, ``b`` may be ``None`` in a partitioned half (see
   `jlora.partition`).
@@ -84,10 +91,13 @@ class LoRA:
   w: Array
   a: Array
   b: Array
+  e: Array = None
+  m: Array = None
   alpha: float = dataclasses.field(metadata=dict(static=True), default=1.0)
   layout: str = dataclasses.field(metadata=dict(static=True), default="io")
   rslora: bool = dataclasses.field(metadata=dict(static=True), default=False)
   path: str = dataclasses.field(metadata=dict(static=True), default="")
+  dropout: float = dataclasses.field(metadata=dict(static=True), default=0.0)
 
   @property
   def rank(self) -> int:
@@ -109,23 +119,45 @@ class LoRA:
   def dtype(self):
     return self.w.dtype
 
-  def delta(self, dtype=None) -> Array:
-    """``scale * a @ b`` laid out like ``w`` (forms the full matrix)."""
+  def check_complete(self) -> "LoRA":
+    """Raises ValueError if this node is one half of a `partition`."""
     if self.a is None or self.b is None or self.w is None:
       raise ValueError(
-          f"LoRA node '{self.path}' is one half of a partition; use"
-          " jlora.combine(trainable, frozen) first")
-    ab = jnp.einsum("...ir,...ro->...io", self.a, self.b,
+          f"LoRA node '{self.path}' is one half of a partition (w, a or b is"
+          " None); pass jlora.combine(trainable, frozen) instead")
+    return self
+
+  def delta(self, dtype=None) -> Array:
+    """``scale * a @ b`` laid out like ``w`` (forms the full matrix)."""
+    self.check_complete()
+    b = self.b if self.e is None else self.e[..., :, None] * self.b
+    ab = jnp.einsum("...ir,...ro->...io", self.a, b,
                     precision=jax.lax.Precision.HIGHEST)
     ab = ab * jnp.asarray(self.scale, ab.dtype)
     return _to_kernel_layout(ab, self.layout, self.shape).astype(
         dtype or ab.dtype)
 
   def materialize(self) -> Array:
-    """The fused kernel ``w + scale * a @ b`` in ``w``'s dtype."""
+    """The fused kernel ``w + scale * a @ b`` in ``w``'s dtype.
+
+    With a DoRA magnitude ``m``: ``m * W' / ||W'||``, norms per output.
+    """
     w = base_array(self.w)
     acc = jnp.promote_types(w.dtype, jnp.float32)
-    return (w.astype(acc) + self.delta(acc)).astype(w.dtype)
+    fused = w.astype(acc) + self.delta(acc)
+    if self.m is not None:
+      fused = fused * self.column_gain(fused)
+    return fused.astype(w.dtype)
+
+  def column_gain(self, fused: Array) -> Array:
+    """DoRA's ``m / ||W'||`` broadcast against the kernel (norm detached)."""
+    axes = tuple(k for k, r in enumerate(self.layout) if r == "i")
+    norm = jnp.sqrt(jnp.sum(jnp.square(fused.astype(jnp.float32)), axis=axes,
+                            keepdims=True))
+    norm = jax.lax.stop_gradient(norm)
+    m = _to_kernel_layout(self.m[..., None, :].astype(jnp.float32),
+                          self.layout, tuple(norm.shape))
+    return (m / norm).astype(fused.dtype)
 
 
 def _to_kernel_layout(ab: Array, layout: str, shape) -> Array:

@@ -19,8 +19,13 @@ def _is_dynamic(x: Any) -> bool:
 
 def _abstract(x: Any) -> Any:
   if is_lora(x):
+    x.check_complete()
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
   return x
+
+
+def _node_rng(rng, index: int):
+  return None if rng is None else jax.random.fold_in(rng, index)
 
 
 def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -38,6 +43,11 @@ def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
   Array arguments (and `LoRA` nodes) are traced; every other argument
   (Python scalars, strings, flags) is passed to `fn` as a constant.
 
+  Adapter dropout (nodes made with ``dropout > 0``) is active only when the
+  call is given a PRNG key as the keyword ``lora_rng``; it masks the input of
+  the adapter path, never the base product. Without it the call is
+  deterministic.
+
   Example:
     >>> forward = jlora.wrap(model.apply)
     >>> logits = forward({"params": lp}, x)
@@ -48,7 +58,7 @@ def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
   """
 
   @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
+  def wrapped(*args, lora_rng: jax.Array | None = None, **kwargs):
     leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_lora)
     dynamic = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
     if not any(is_lora(leaves[i]) for i in dynamic):
@@ -63,8 +73,9 @@ def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
         *[_abstract(leaves[i]) for i in dynamic])
-    inputs = [Factored.from_node(leaves[i]) if is_lora(leaves[i])
-              else leaves[i] for i in dynamic]
+    inputs = [Factored.from_node(leaves[i], _node_rng(lora_rng, n))
+              if is_lora(leaves[i]) else leaves[i]
+              for n, i in enumerate(dynamic)]
     outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs, fuse_outputs=True)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 

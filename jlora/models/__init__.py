@@ -1,0 +1,33 @@
+"""Flax (linen) Llama-family causal LMs (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) loading HF checkpoints.
+
+Example:
+  >>> from jlora.models import from_pretrained, generate
+  >>> model, params = from_pretrained("Qwen/Qwen2.5-0.5B", dtype=jnp.bfloat16)
+  >>> tokens = generate(model, params, prompt_ids, max_new_tokens=32)
+"""
+
+from jlora.models.config import ModelConfig, RopeConfig
+from jlora.models.generate import generate, sample_logits
+from jlora.models.llama import KVCache, LlamaForCausalLM, init_cache
+from jlora.models.loading import (
+    CheckpointMismatchError,
+    from_config,
+    from_pretrained,
+    from_state_dict,
+    load_tokenizer,
+)
+
+__all__ = [
+    "CheckpointMismatchError",
+    "KVCache",
+    "LlamaForCausalLM",
+    "ModelConfig",
+    "RopeConfig",
+    "from_config",
+    "from_pretrained",
+    "from_state_dict",
+    "generate",
+    "init_cache",
+    "load_tokenizer",
+    "sample_logits",
+]

@@ -1,0 +1,7 @@
+"""Test session setup: 8 simulated CPU devices for the sharding tests."""
+
+import os
+
+# Must be set before JAX initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
