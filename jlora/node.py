@@ -142,7 +142,7 @@ class LoRA:
 
     With a DoRA magnitude ``m``: ``m * W' / ||W'||``, norms per output.
     """
-    w = base_array(self.w)
+    w = base_array(self.check_complete().w)
     acc = jnp.promote_types(w.dtype, jnp.float32)
     fused = w.astype(acc) + self.delta(acc)
     if self.m is not None:

@@ -1,0 +1,143 @@
+"""partition/combine round trips, masks, and optimizers that train adapters only."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+from jlora.node import is_lora
+from helpers import randomize_b
+
+KEY = jax.random.key(0)
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(16, name="up")(x))
+    return nn.Dense(4, name="down")(h)
+
+
+def _setup():
+  model = MLP()
+  x = jax.random.normal(KEY, (32, 8))
+  y = jax.random.normal(jax.random.key(1), (32, 4))
+  params = model.init(KEY, x)["params"]
+  lp = jlora.apply(params, rank=2, alpha=4.0, key=KEY)
+  return model, params, lp, x, y
+
+
+def test_partition_halves_and_exact_inverse():
+  _, _, lp, _, _ = _setup()
+  trainable, frozen = jlora.partition(lp)
+  # Only adapter arrays are trainable leaves.
+  leaves = jax.tree.leaves(trainable)
+  node = lp["up"]["kernel"]
+  assert len(leaves) == 4
+  assert trainable["up"]["bias"] is None and trainable["up"]["kernel"].w is None
+  assert frozen["up"]["kernel"].a is None and frozen["up"]["kernel"].b is None
+  back = jlora.combine(trainable, frozen)
+  assert jax.tree.structure(back, is_leaf=is_lora) == jax.tree.structure(
+      lp, is_leaf=is_lora)
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(lp)):
+    assert x is y
+  assert back["up"]["kernel"].a is node.a
+
+
+def test_combine_rejects_two_values_at_one_leaf():
+  _, _, lp, _, _ = _setup()
+  _, frozen = jlora.partition(lp)
+  with pytest.raises(ValueError, match="both halves"):
+    jlora.combine(frozen, frozen)
+
+
+def test_mask_marks_adapters_only():
+  _, _, lp, _, _ = _setup()
+  m = jlora.mask(lp)
+  assert m["up"]["bias"] is False
+  node = m["up"]["kernel"]
+  assert (node.w, node.a, node.b) == (False, True, True)
+  assert jax.tree.structure(m) == jax.tree.structure(lp)
+
+
+def _train(lp, tx, model, x, y, steps=5, whole_tree=False):
+  forward = jlora.wrap(model.apply)
+
+  def loss_fn(t, frozen):
+    return jnp.mean((forward({"params": jlora.combine(t, frozen)}, x) - y) ** 2)
+
+  if whole_tree:
+    state = tx.init(lp)
+
+    @jax.jit
+    def step(p, state):
+      l, g = jax.value_and_grad(lambda p: jnp.mean(
+          (forward({"params": p}, x) - y) ** 2))(p)
+      u, state = tx.update(g, state, p)
+      return optax.apply_updates(p, u), state, l
+    losses = []
+    for _ in range(steps):
+      lp, state, l = step(lp, state)
+      losses.append(float(l))
+    return lp, losses
+
+  trainable, frozen = jlora.partition(lp)
+  state = tx.init(trainable)
+
+  @jax.jit
+  def step(t, state):
+    l, g = jax.value_and_grad(loss_fn)(t, frozen)
+    u, state = tx.update(g, state, t)
+    return optax.apply_updates(t, u), state, l
+  losses = []
+  for _ in range(steps):
+    trainable, state, l = step(trainable, state)
+    losses.append(float(l))
+  return jlora.combine(trainable, frozen), losses
+
+
+@pytest.mark.parametrize("whole_tree", [False, True])
+def test_training_changes_adapters_only_and_lowers_loss(whole_tree):
+  model, params, lp, x, y = _setup()
+  tx = optax.adam(1e-2)
+  if whole_tree:
+    tx = jlora.optimizer(tx)
+  trained, losses = _train(lp, tx, model, x, y, steps=20,
+                           whole_tree=whole_tree)
+  assert losses[-1] < losses[0]
+  # Base leaves are bit-identical after training.
+  for path in [("up", "bias"), ("down", "bias")]:
+    np.testing.assert_array_equal(trained[path[0]][path[1]],
+                                  params[path[0]][path[1]])
+  for name in ("up", "down"):
+    np.testing.assert_array_equal(trained[name]["kernel"].w,
+                                  params[name]["kernel"])
+    assert not np.array_equal(trained[name]["kernel"].b, 0)
+
+
+def test_optimizer_gives_exact_zero_updates_off_mask():
+  _, _, lp, _, _ = _setup()
+  lp = randomize_b(lp, KEY)
+  grads = jax.tree.map(jnp.ones_like, lp)
+  tx = jlora.optimizer(optax.sgd(0.1), lp)
+  updates, _ = tx.update(grads, tx.init(lp), lp)
+  assert float(jnp.abs(updates["up"]["bias"]).max()) == 0.0
+  assert float(jnp.abs(updates["up"]["kernel"].w).max()) == 0.0
+  np.testing.assert_allclose(updates["up"]["kernel"].a, -0.1)
+  # optax.masked alone would have passed the raw gradient through.
+  masked = optax.masked(optax.sgd(0.1), jlora.mask(lp))
+  raw, _ = masked.update(grads, masked.init(lp), lp)
+  assert float(raw["up"]["bias"].max()) == 1.0
+
+
+def test_multi_transform_with_mask_labels():
+  _, _, lp, _, _ = _setup()
+  tx = optax.multi_transform({True: optax.sgd(1.0), False: optax.set_to_zero()},
+                             jlora.mask(lp))
+  grads = jax.tree.map(jnp.ones_like, lp)
+  updates, _ = tx.update(grads, tx.init(lp), lp)
+  np.testing.assert_array_equal(updates["down"]["kernel"].b, -1.0)
+  np.testing.assert_array_equal(updates["down"]["kernel"].w, 0.0)
