@@ -112,23 +112,42 @@ def _kernel_passthrough_rule(eqn, invals):
 
 
 def _jit_rule(eqn, invals):
-  closed = eqn.params["jaxpr"]
-  return eval_jaxpr(closed.jaxpr, closed.consts, invals, fuse_outputs=False)
+  jaxpr, consts = _closed(eqn.params["jaxpr"])
+  return eval_jaxpr(jaxpr, consts, invals, fuse_outputs=False)
 
 
 def _remat_rule(eqn, invals):
-  jaxpr = eqn.params["jaxpr"]
+  jaxpr, consts = _closed(eqn.params["jaxpr"])
 
   def body(*args):
-    return eval_jaxpr(jaxpr, (), args, fuse_outputs=True)
+    return eval_jaxpr(jaxpr, consts, args, fuse_outputs=True)
 
   return jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"],
                         policy=eqn.params["policy"])(*invals)
 
 
+def _scan_layout(params) -> tuple[int, int]:
+  """(number of consts, number of carries) of a scan equation.
+
+  JAX <= 0.10 names them; JAX 0.11 packs (consts, carry, xs) as a flat
+  tree in `ft_in`, whose parts' lengths count their leaves.
+  """
+  if "num_consts" in params:
+    return params["num_consts"], params["num_carry"]
+  consts, carry, _ = params["ft_in"].unpack()
+  return len(consts), len(carry)
+
+
+def _closed(jaxpr):
+  """(jaxpr, consts) of a ClosedJaxpr or an open Jaxpr."""
+  if hasattr(jaxpr, "consts"):
+    return jaxpr.jaxpr, jaxpr.consts
+  return jaxpr, ()
+
+
 def _scan_rule(eqn, invals):
   p = eqn.params
-  n_consts, n_carry = p["num_consts"], p["num_carry"]
+  n_consts, n_carry = _scan_layout(p)
   consts = invals[:n_consts]
   init = [_fused(x) for x in invals[n_consts:n_consts + n_carry]]
   # A kernel stacked along the scanned axis stays factored, sliced per step.
@@ -136,17 +155,17 @@ def _scan_rule(eqn, invals):
         for x in invals[n_consts + n_carry:]]
   templates = [x if _is_factored(x) else None for x in xs]
   xs_flat = [x.scanned() if _is_factored(x) else x for x in xs]
-  closed = p["jaxpr"]
+  jaxpr, jaxpr_consts = _closed(p["jaxpr"])
 
   def body(carry, x_slices):
     x_vals = [t.slice_leading(*x) if t is not None else x
               for t, x in zip(templates, x_slices)]
-    outs = eval_jaxpr(closed.jaxpr, closed.consts,
-                      [*consts, *carry, *x_vals], fuse_outputs=True)
+    outs = eval_jaxpr(jaxpr, jaxpr_consts, [*consts, *carry, *x_vals],
+                      fuse_outputs=True)
     return outs[:n_carry], outs[n_carry:]
 
   carry, ys = lax.scan(body, init, xs_flat, length=p["length"],
-                       reverse=p["reverse"], unroll=p["unroll"])
+                       reverse=p["reverse"], unroll=p.get("unroll", 1))
   return [*carry, *ys]
 
 

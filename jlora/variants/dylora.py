@@ -16,7 +16,6 @@ ranks ``>= k`` (their gradients are zero too), which is the same function.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -156,8 +155,3 @@ def sample(tree: Any, key: jax.Array, r_min: int = 1, r_max: int | None = None,
   k = sample_rank(key, r_min, r_max)
   return mask_rank(tree, k, only_last=only_last), k
 
-
-def scale_at(node: LoRA, rank: int) -> float:
-  """The scale a node has once truncated to `rank`."""
-  k = min(rank, node.rank)
-  return node.alpha / math.sqrt(k) if node.rslora else node.alpha / k

@@ -26,18 +26,20 @@ from jlora.node import LoRA, is_lora
 PRUNED_FIELDS = ("a", "b")
 
 
-def prune_by_magnitude(x: jax.Array, fraction: float) -> jax.Array:
+def prune_by_magnitude(x: jax.Array, fraction: float,
+                       axes: tuple[int, ...] | None = None) -> jax.Array:
   """Zeroes all but the largest ``1 - fraction`` of `x`'s entries by |x|.
 
-  The threshold is the `fraction` quantile of ``|x|`` over the whole array;
-  entries at or below it become 0 (ReLoRA's ``magnitude_pruning_``).
+  The threshold is the `fraction` quantile of ``|x|`` over `axes` (default:
+  the whole array); entries at or below it become 0 (ReLoRA's
+  ``magnitude_pruning_``).
   """
   if fraction <= 0.0:
     return x
   if fraction >= 1.0:
     return jnp.zeros_like(x)
   mag = jnp.abs(x.astype(jnp.float32))
-  threshold = jnp.quantile(mag.reshape(-1), fraction)
+  threshold = jnp.quantile(mag, fraction, axis=axes, keepdims=True)
   return jnp.where(mag > threshold, x, jnp.zeros_like(x))
 
 
@@ -48,7 +50,8 @@ def prune_moments(opt_state: Any, fraction: float = 0.99,
   Optax states keep per-parameter moments (Adam's ``mu`` and ``nu``, a
   momentum trace) in trees shaped like the params, so each one holds `LoRA`
   nodes; their `fields` arrays are pruned with `prune_by_magnitude`, each
-  array on its own. Everything else (step counts, moments of non-adapter
+  matrix on its own (one threshold per stacked index, as for PyTorch's
+  per-layer tensors). Everything else (step counts, moments of non-adapter
   leaves, masked placeholders) is kept.
 
   Example:
@@ -62,7 +65,7 @@ def prune_moments(opt_state: Any, fraction: float = 0.99,
     for f in fields:
       v = getattr(x, f)
       if isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jnp.floating):
-        new[f] = prune_by_magnitude(v, fraction)
+        new[f] = prune_by_magnitude(v, fraction, axes=(-2, -1))
     return dataclasses.replace(x, **new)
 
   return jax.tree.map(prune, opt_state, is_leaf=is_lora)
