@@ -7,27 +7,44 @@
 
 import importlib
 
+from jlora import variants
 from jlora._factored import LayoutError
 from jlora.inject import apply
 from jlora.merge import merge
 from jlora.node import LoRA
 from jlora.partition import combine, mask, optimizer, partition
 from jlora.summary import Count, count, summary
+from jlora.variants import labels, loraplus_optimizer, relora, truncate
 from jlora.wrap import wrap
 
 __version__ = "0.1.0"
 
-# Subpackages that import heavier dependencies load on first use.
-_LAZY = ("models", "peft")
+# Subpackages with heavier imports (orbax, safetensors, transformers) load on
+# first use, so `import jlora` stays light and never imports torch.
+_LAZY_MODULES = ("models", "peft", "checkpoint")
+_LAZY_NAMES = {
+    "save_adapter": "checkpoint", "load_adapter": "checkpoint",
+    "save_merged": "checkpoint", "load_merged": "checkpoint",
+    "read_metadata": "checkpoint", "CheckpointManager": "checkpoint",
+    "AdapterMismatchError": "checkpoint",
+    "CheckpointMismatchError": "checkpoint",
+    "CheckpointCorruptError": "checkpoint",
+}
 
 
 def __getattr__(name):
-  if name in _LAZY:
+  if name in _LAZY_MODULES:
     return importlib.import_module(f"jlora.{name}")
+  if name in _LAZY_NAMES:
+    return getattr(importlib.import_module(f"jlora.{_LAZY_NAMES[name]}"), name)
   raise AttributeError(f"module 'jlora' has no attribute {name!r}")
 
 
 __all__ = [
-    "Count", "LayoutError", "LoRA", "apply", "combine", "count", "mask",
-    "merge", "optimizer", "partition", "summary", "wrap",
+    "AdapterMismatchError", "CheckpointCorruptError", "CheckpointManager",
+    "CheckpointMismatchError", "Count", "LayoutError", "LoRA", "apply",
+    "combine", "count", "labels", "load_adapter", "load_merged",
+    "loraplus_optimizer", "mask", "merge", "optimizer", "partition",
+    "read_metadata", "relora", "save_adapter", "save_merged", "summary",
+    "truncate", "variants", "wrap",
 ]

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from jlora import _paths
-from jlora.node import LoRA, check_layout, default_layout, factor_shapes, is_lora
+from jlora.node import (LoRA, base_array, check_layout, default_layout,
+                        factor_shapes, is_lora, kernel_matrix)
 from jlora.targets import Selector, pattern_value, select
 
 
@@ -76,7 +77,9 @@ def apply(params: Any, rank: int, *, alpha: float | None = None,
           key: jax.Array | None = None, dtype: Any = None,
           layout: dict[str, str] | None = None, rslora: bool = False,
           rank_pattern: dict[str, int] | None = None,
-          alpha_pattern: dict[str, float] | None = None) -> Any:
+          alpha_pattern: dict[str, float] | None = None,
+          init: str = "default", dora: bool = False, train_a: bool = True,
+          dropout: float = 0.0) -> Any:
   """Returns `params` with each targeted kernel replaced by a `LoRA` node.
 
   Args:
@@ -99,6 +102,14 @@ def apply(params: Any, rank: int, *, alpha: float | None = None,
     rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
     rank_pattern, alpha_pattern: ``{regex: value}`` overriding rank/alpha for
       matching paths (first match wins).
+    init: ``"default"`` (a uniform, b zero), ``"gaussian"``, ``"pissa"``,
+      ``"pissa_niter_N"`` (randomized SVD, N power iterations) or
+      ``"olora"``: see `jlora.variants.initialize`.
+    dora: add a DoRA magnitude ``m`` initialised to the base's per-output
+      column norms (Liu et al., 2024).
+    train_a: False freezes ``a`` after init (LoRA-FA, Zhang et al., 2023).
+    dropout: dropout rate on the adapter path's input; active only when the
+      wrapped call gets ``lora_rng`` (see `jlora.wrap`).
 
   Returns:
     The same tree, targeted kernels replaced by `LoRA` nodes with ``a`` of
@@ -119,6 +130,8 @@ def apply(params: Any, rank: int, *, alpha: float | None = None,
   if key is None:
     raise ValueError("jlora.apply needs a PRNG key for the adapters' random"
                      " init, e.g. key=jax.random.key(0)")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout must be in [0, 1), got {dropout}")
   keys = dict(zip(chosen, jax.random.split(key, max(len(chosen), 1))))
 
   def replace(path: str, leaf: Any) -> Any:
@@ -131,8 +144,20 @@ def apply(params: Any, rank: int, *, alpha: float | None = None,
                     fan_out)
     a_value = pattern_value(path, alpha_pattern, alpha)
     a, b = init_adapter(keys[path], leaf, r, roles, dtype)
-    return LoRA(w=leaf, a=a, b=b,
+    m = magnitude(leaf, roles, a.dtype) if dora else None
+    return LoRA(w=leaf, a=a, b=b, m=m,
                 alpha=float(r if a_value is None else a_value),
-                layout=roles, rslora=rslora, path=path)
+                layout=roles, rslora=rslora, path=path, dropout=dropout,
+                train_a=train_a)
 
-  return _paths.map_with_path(replace, params)
+  tree = _paths.map_with_path(replace, params)
+  if init != "default":
+    from jlora.initializers import initialize  # it builds on init_adapter
+    tree = initialize(tree, init, jax.random.fold_in(key, 1))
+  return tree
+
+
+def magnitude(w: Any, layout: str, dtype) -> jax.Array:
+  """DoRA's initial magnitude: the kernel's norm per output, (*stacked, out)."""
+  mat = kernel_matrix(base_array(w), layout).astype(jnp.float32)
+  return jnp.sqrt(jnp.sum(mat * mat, axis=-2)).astype(dtype)

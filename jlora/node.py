@@ -75,6 +75,8 @@ class LoRA:
     in the backward pass.
   - ``dropout`` (static): dropout rate on the adapter path's input, active
     when the wrapped call is given ``lora_rng`` (see `jlora.wrap`).
+  - ``train_a`` (static): False freezes ``a`` after init (LoRA-FA):
+    `jlora.partition` then puts it in the frozen half.
 
   Any of ``w``, ``a``, ``b`` may be ``None`` in a partitioned half (see
   `jlora.partition`).
@@ -98,6 +100,7 @@ class LoRA:
   rslora: bool = dataclasses.field(metadata=dict(static=True), default=False)
   path: str = dataclasses.field(metadata=dict(static=True), default="")
   dropout: float = dataclasses.field(metadata=dict(static=True), default=0.0)
+  train_a: bool = dataclasses.field(metadata=dict(static=True), default=True)
 
   @property
   def rank(self) -> int:
@@ -158,6 +161,15 @@ class LoRA:
     m = _to_kernel_layout(self.m[..., None, :].astype(jnp.float32),
                           self.layout, tuple(norm.shape))
     return (m / norm).astype(fused.dtype)
+
+
+def kernel_matrix(w: Array, layout: str) -> Array:
+  """The kernel viewed as (*stacked, in, out), axes grouped by role."""
+  order = ([k for k, r in enumerate(layout) if r == "b"] +
+           [k for k, r in enumerate(layout) if r == "i"] +
+           [k for k, r in enumerate(layout) if r == "o"])
+  stacked, fan_in, fan_out = factor_shapes(layout, tuple(w.shape))
+  return jnp.transpose(w, order).reshape(*stacked, fan_in, fan_out)
 
 
 def _to_kernel_layout(ab: Array, layout: str, shape) -> Array:

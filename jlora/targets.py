@@ -1,7 +1,7 @@
 """Which leaves of a params tree get adapters.
 
 A *selector* is a regex (searched in the '/'-joined key path, e.g.
-``layers_0/self_attn/q_proj/kernel``), a list of selectors, a callable
+``model/layers/0/self_attn/q_proj/kernel``), a list of selectors, a callable
 ``(path, leaf) -> bool``, or ``"all-linear"``: every Dense-style kernel (a leaf
 named ``kernel`` with at least two axes) except an output head, as PEFT's
 ``target_modules="all-linear"`` does.
@@ -23,9 +23,18 @@ HEAD_PATTERN = re.compile(
     r"(^|/)(lm_head|head|output_head|classifier|score|logits)(/|$)")
 
 
+# Leaf names that are never matmul kernels, even when stacked to 2-D by a
+# scan over layers (a (layers, out) bias).
+NON_KERNEL_NAMES = frozenset({"bias", "scale"})
+
+
 def is_matrix(leaf: Any) -> bool:
   shape = getattr(leaf, "shape", None)
   return shape is not None and len(shape) >= 2 and hasattr(leaf, "dtype")
+
+
+def _is_candidate(path: str, leaf: Any) -> bool:
+  return is_matrix(leaf) and path.rsplit("/", 1)[-1] not in NON_KERNEL_NAMES
 
 
 def is_linear_kernel(path: str, leaf: Any) -> bool:
@@ -42,7 +51,7 @@ def _as_list(selector: Selector) -> list[Any]:
   return list(selector)
 
 
-def _matcher(sel: Any) -> Callable[[str, Any], bool]:
+def matcher(sel: Any) -> Callable[[str, Any], bool]:
   if isinstance(sel, str) and sel == ALL_LINEAR:
     return is_linear_kernel
   if isinstance(sel, (str, re.Pattern)):
@@ -74,16 +83,16 @@ def select(leaves: list[tuple[str, Any]], targets: Selector = None,
   >>> select([("dense/kernel", w), ("dense/bias", b)], "dense")
   ['dense/kernel']
   """
-  matrices = [(p, x) for p, x in leaves if is_matrix(x)]
+  matrices = [(p, x) for p, x in leaves if _is_candidate(p, x)]
   all_paths = [p for p, _ in leaves]
   chosen: set[str] = set()
   for sel in _as_list(targets) or [ALL_LINEAR]:
-    match = _matcher(sel)
+    match = matcher(sel)
     hits = [p for p, x in matrices if match(p, x)]
     if not hits:
-      non_matrix = [p for p, x in leaves if not is_matrix(x) and match(p, x)]
-      hint = (f" It matched only leaves with fewer than 2 axes: {non_matrix}."
-              if non_matrix else "")
+      others = [p for p, x in leaves if not _is_candidate(p, x) and match(p, x)]
+      hint = (f" It matched only biases, scales or leaves with fewer than 2"
+              f" axes: {others}." if others else "")
       near = _near_misses(sel, [p for p, _ in matrices] or all_paths)
       raise ValueError(
           f"target {sel!r} matched no kernel (a leaf with >= 2 axes).{hint}"
@@ -91,7 +100,7 @@ def select(leaves: list[tuple[str, Any]], targets: Selector = None,
           " '/'-joined path, e.g. r'(q_proj|v_proj)/kernel'.")
     chosen.update(hits)
   for sel in _as_list(exclude):
-    match = _matcher(sel)
+    match = matcher(sel)
     chosen -= {p for p, x in matrices if match(p, x)}
   return [p for p, _ in matrices if p in chosen]
 

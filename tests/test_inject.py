@@ -161,3 +161,33 @@ def test_shapes_property(fan_in, fan_out, layers, data):
   stacked = shape[:-2]
   assert node.a.shape == (*stacked, fan_in, rank)
   assert node.b.shape == (*stacked, rank, fan_out)
+
+
+def test_dora_magnitude_is_column_norm_and_merge_is_identity():
+  w = jax.random.normal(KEY, (3, 16, 8))
+  node = jlora.apply({"kernel": w}, rank=2, key=KEY, dora=True)["kernel"]
+  np.testing.assert_allclose(node.m, np.linalg.norm(np.asarray(w), axis=1),
+                             rtol=1e-6)
+  np.testing.assert_allclose(jlora.merge({"kernel": node})["kernel"], w,
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "gaussian"])
+def test_init_methods_preserve_the_base_function(init):
+  w = jax.random.normal(KEY, (16, 8))
+  lp = jlora.apply({"kernel": w}, rank=4, key=KEY, init=init)
+  node = lp["kernel"]
+  np.testing.assert_allclose(jlora.merge(lp)["kernel"], w, rtol=1e-4,
+                             atol=1e-5)
+  if init != "gaussian":
+    assert float(jnp.abs(node.b).max()) > 0  # principal part moved into b
+  with pytest.raises(ValueError):
+    jlora.apply({"kernel": w}, rank=4, key=KEY, init="nope")
+
+
+def test_dropout_and_train_a_are_recorded():
+  node = jlora.apply({"kernel": jnp.ones((4, 4))}, rank=2, key=KEY,
+                     dropout=0.1, train_a=False)["kernel"]
+  assert node.dropout == 0.1 and node.train_a is False
+  with pytest.raises(ValueError, match="dropout"):
+    jlora.apply({"kernel": jnp.ones((4, 4))}, rank=2, key=KEY, dropout=1.0)

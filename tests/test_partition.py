@@ -141,3 +141,44 @@ def test_multi_transform_with_mask_labels():
   updates, _ = tx.update(grads, tx.init(lp), lp)
   np.testing.assert_array_equal(updates["down"]["kernel"].b, -1.0)
   np.testing.assert_array_equal(updates["down"]["kernel"].w, 0.0)
+
+
+def test_lora_fa_keeps_a_frozen():
+  model, params, _, x, y = _setup()
+  lp = jlora.apply(params, rank=2, alpha=4.0, key=KEY, train_a=False)
+  trainable, frozen = jlora.partition(lp)
+  assert trainable["up"]["kernel"].a is None
+  assert frozen["up"]["kernel"].a is lp["up"]["kernel"].a
+  assert jlora.mask(lp)["up"]["kernel"].a is False
+  trained, losses = _train(lp, optax.adam(1e-2), model, x, y, steps=10)
+  assert losses[-1] < losses[0]
+  np.testing.assert_array_equal(trained["up"]["kernel"].a, lp["up"]["kernel"].a)
+  assert not np.array_equal(trained["up"]["kernel"].b, 0)
+
+
+def test_full_params_train_besides_adapters():
+  model, params, lp, x, y = _setup()
+  trainable, frozen = jlora.partition(lp, full="down/bias")
+  assert trainable["down"]["bias"] is lp["down"]["bias"]
+  assert frozen["down"]["bias"] is None and trainable["up"]["bias"] is None
+  back = jlora.combine(trainable, frozen)
+  assert back["down"]["bias"] is lp["down"]["bias"]
+  assert jlora.mask(lp, full="down/bias")["down"]["bias"] is True
+  # Whole-tree optimizer: the selected bias moves, the other one does not.
+  tx = jlora.optimizer(optax.adam(1e-2), full=r"down/bias")
+  trained, _ = _train(lp, tx, model, x, y, steps=5, whole_tree=True)
+  assert not np.array_equal(trained["down"]["bias"], params["down"]["bias"])
+  np.testing.assert_array_equal(trained["up"]["bias"], params["up"]["bias"])
+  with pytest.raises(ValueError, match="matched no parameter"):
+    jlora.partition(lp, full="classifier")
+
+
+def test_dora_and_adalora_fields_are_trainable():
+  _, _, lp, _, _ = _setup()
+  node = lp["up"]["kernel"]
+  lp["up"]["kernel"] = node.__class__(**{**node.__dict__, "m": jnp.ones(16),
+                                         "e": jnp.ones(2)})
+  trainable, frozen = jlora.partition(lp)
+  assert trainable["up"]["kernel"].m is not None
+  assert trainable["up"]["kernel"].e is not None
+  assert frozen["up"]["kernel"].m is None

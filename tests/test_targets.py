@@ -54,6 +54,15 @@ def test_pattern_matching_only_vectors_says_so():
     select(LEAVES, "q_proj/bias")
 
 
+def test_stacked_biases_are_never_targets():
+  stacked = [("layers/q_proj/kernel", np.zeros((3, 8, 8))),
+             ("layers/q_proj/bias", np.zeros((3, 8))),
+             ("layers/norm/scale", np.zeros((3, 8)))]
+  assert select(stacked, "q_proj") == ["layers/q_proj/kernel"]
+  with pytest.raises(ValueError, match="biases, scales"):
+    select(stacked, "q_proj/bias")
+
+
 def test_bad_selector_type():
   with pytest.raises(TypeError, match="regex string"):
     select(LEAVES, [3])

@@ -230,7 +230,10 @@ def test_errors_name_the_fix():
   with pytest.raises(ValueError, match="target_r"):
     adalora.init(lp, target_r=3, total_step=10)
   state = adalora.init(lp, target_r=1, total_step=10)
-  trainable, _ = jlora.partition(lp)  # e sits in the frozen half today
+  trainable, _ = jlora.partition(lp)
+  assert trainable["l"]["kernel"].e is not None  # e trains with a and b
+  no_e = jax.tree.map(lambda x: x, trainable)
+  no_e["l"]["kernel"] = dataclasses.replace(no_e["l"]["kernel"], e=None)
   with pytest.raises(ValueError, match="include e"):
-    adalora.update(lp, trainable, state, 3)
+    adalora.update(lp, no_e, state, 3)
   assert variants.AdaLoRAState is adalora.AdaLoRAState

@@ -1,4 +1,6 @@
-"""Flax (linen) Llama-family causal LMs (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) loading HF checkpoints.
+"""Flax (linen) Llama-family causal LMs that load HuggingFace checkpoints.
+
+Llama 2/3, Mistral, Qwen2/2.5 and Qwen3.
 
 Example:
   >>> from jlora.models import from_pretrained, generate
@@ -10,24 +12,24 @@ from jlora.models.config import ModelConfig, RopeConfig
 from jlora.models.generate import generate, sample_logits
 from jlora.models.llama import KVCache, LlamaForCausalLM, init_cache
 from jlora.models.loading import (
-    CheckpointMismatchError,
-    from_config,
-    from_pretrained,
-    from_state_dict,
-    load_tokenizer,
+  CheckpointMismatchError,
+  from_config,
+  from_pretrained,
+  from_state_dict,
+  load_tokenizer,
 )
 
 __all__ = [
-    "CheckpointMismatchError",
-    "KVCache",
-    "LlamaForCausalLM",
-    "ModelConfig",
-    "RopeConfig",
-    "from_config",
-    "from_pretrained",
-    "from_state_dict",
-    "generate",
-    "init_cache",
-    "load_tokenizer",
-    "sample_logits",
+  "CheckpointMismatchError",
+  "KVCache",
+  "LlamaForCausalLM",
+  "ModelConfig",
+  "RopeConfig",
+  "from_config",
+  "from_pretrained",
+  "from_state_dict",
+  "generate",
+  "init_cache",
+  "load_tokenizer",
+  "sample_logits",
 ]

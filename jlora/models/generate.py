@@ -1,4 +1,4 @@
-"""Autoregressive generation with a preallocated KV cache and a jitted decode loop."""
+"""Autoregressive generation: preallocated KV cache, jitted decode loop."""
 
 from __future__ import annotations
 
@@ -14,145 +14,186 @@ from jlora.models.llama import LlamaForCausalLM, init_cache
 
 
 def sample_logits(
-    logits: jax.Array,
-    key: jax.Array | None,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+  logits: jax.Array,
+  key: jax.Array | None,
+  *,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
 ) -> jax.Array:
-    """Picks one token per row of `logits` (B, V): argmax when temperature == 0, else a sample.
+  """One token per row of `logits` (B, V): argmax at temperature 0, else drawn.
 
-    Sampling draws from softmax(logits / temperature) restricted to the `top_k` largest logits, then
-    to the smallest set of tokens whose probability reaches `top_p` (nucleus sampling; the most
-    likely token is always kept), in the order transformers applies them.
+  Sampling draws from softmax(logits / temperature) restricted to the `top_k`
+  largest logits, then to the smallest set of tokens whose probability reaches
+  `top_p` (nucleus sampling; the most likely token is always kept), in the order
+  transformers applies them.
 
-    Returns:
-      (B,) int32 token ids.
+  Returns:
+    (B,) int32 token ids.
 
-    References:
-      Holtzman et al., "The Curious Case of Neural Text Degeneration", 2019 (top-p).
-    """
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if key is None:
-        raise ValueError("temperature > 0 samples tokens; pass key=jax.random.key(seed)")
-    logits = logits.astype(jnp.float32) / temperature
-    neg = jnp.finfo(jnp.float32).min
-    if top_k is not None:
-        kth = lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, neg, logits)
-    if top_p is not None:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Drop a token when the tokens before it already reach top_p.
-        drop_sorted = (jnp.cumsum(probs, axis=-1) - probs) >= top_p
-        drop = jnp.zeros_like(drop_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order
-        ].set(drop_sorted)
-        logits = jnp.where(drop, neg, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  References:
+    Holtzman et al., "The Curious Case of Neural Text Degeneration", 2019
+    (top-p).
+  """
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if key is None:
+    raise ValueError(
+      "temperature > 0 samples tokens; pass key=jax.random.key(seed)"
+    )
+  logits = logits.astype(jnp.float32) / temperature
+  neg = jnp.finfo(jnp.float32).min
+  if top_k is not None:
+    kth = lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p is not None:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Drop a token when the tokens before it already reach top_p.
+    drop_sorted = (jnp.cumsum(probs, axis=-1) - probs) >= top_p
+    drop = (
+      jnp.zeros_like(drop_sorted)
+      .at[jnp.arange(logits.shape[0])[:, None], order]
+      .set(drop_sorted)
+    )
+    logits = jnp.where(drop, neg, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 def generate(
-    model: LlamaForCausalLM,
-    params: Any,
-    input_ids: jax.Array,
-    *,
-    max_new_tokens: int,
-    key: jax.Array | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    attention_mask: jax.Array | None = None,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-    apply_fn: Callable[..., Any] | None = None,
+  model: LlamaForCausalLM,
+  params: Any,
+  input_ids: jax.Array,
+  *,
+  max_new_tokens: int,
+  key: jax.Array | None = None,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  attention_mask: jax.Array | None = None,
+  eos_token_id: int | None = None,
+  pad_token_id: int | None = None,
+  apply_fn: Callable[..., Any] | None = None,
 ) -> jax.Array:
-    """Continues `input_ids` (B, T) by `max_new_tokens` tokens; returns (B, T + max_new_tokens).
+  """Continues `input_ids` (B, T) by `max_new_tokens`; returns (B, T + new).
 
-    The prompt fills a KV cache of T + max_new_tokens slots in one forward pass; each new token then
-    costs one single-token pass inside a jitted `lax.scan`. Greedy when `temperature == 0`,
-    otherwise sampled with `key` (see `sample_logits`).
+  The prompt fills a KV cache of T + max_new_tokens slots in one forward pass;
+  each new token then costs one single-token pass inside a jitted `lax.scan`.
+  Greedy when `temperature == 0`, otherwise sampled with `key` (see
+  `sample_logits`).
 
-    Args:
-      model, params: the model and its parameter tree (passed as `{"params": params}`).
-      input_ids: (B, T) prompts of equal length. Left-padded prompts work when `attention_mask`
-        (B, T) marks the real tokens: rope positions then count real tokens only, as
-        transformers does. Right padding is not supported.
-      eos_token_id: once a row emits it, the row continues with `pad_token_id` (default eos).
-      apply_fn: replaces `model.apply`, e.g. `jlora.wrap(model.apply)` to decode with LoRA
-        parameters without merging them. Called as `apply_fn({"params": params}, ids, ...)`.
+  Args:
+    model, params: the model and its parameter tree (`model.apply` receives
+      `{"params": params}`).
+    input_ids: (B, T) prompts of equal length. Left-padded prompts work when
+      `attention_mask` (B, T) marks the real tokens: rope positions then count
+      real tokens only, as transformers does. Right padding is not supported.
+    eos_token_id: once a row emits it, the row continues with `pad_token_id`
+      (default eos).
+    apply_fn: replaces `model.apply`, e.g. `jlora.wrap(model.apply)` to decode
+      with LoRA parameters without merging them; called as
+      `apply_fn({"params": params}, ids, positions=, attention_mask=, cache=)`
+      and must return `(logits, cache)`.
 
-    Example:
-      >>> out = generate(model, params, prompt, max_new_tokens=32)
-      >>> out = generate(model, lora_params, prompt, max_new_tokens=32,
-      ...                apply_fn=jlora.wrap(model.apply))
-    """
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    if max_new_tokens <= 0:
-        return input_ids
-    if attention_mask is None:
-        attention_mask = jnp.ones_like(input_ids)
-    if eos_token_id is not None and pad_token_id is None:
-        pad_token_id = eos_token_id
-    if key is None:
-        if temperature != 0.0:
-            raise ValueError("temperature > 0 samples tokens; pass key=jax.random.key(seed)")
-        key = jax.random.key(0)  # unused by greedy decoding
-    return _generate(
-        params,
-        input_ids,
-        jnp.asarray(attention_mask, jnp.int32),
-        key,
-        model=model,
-        apply_fn=model.apply if apply_fn is None else apply_fn,
-        max_new_tokens=max_new_tokens,
-        sampling=(float(temperature), top_k, top_p),
-        eos_pad=(eos_token_id, pad_token_id),
-    )
+  Example:
+    >>> out = generate(model, params, prompt, max_new_tokens=32)
+    >>> out = generate(model, lora_params, prompt, max_new_tokens=32,
+    ...                apply_fn=jlora.wrap(model.apply))
+  """
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  if max_new_tokens <= 0:
+    return input_ids
+  if attention_mask is None:
+    attention_mask = jnp.ones_like(input_ids)
+  if eos_token_id is not None and pad_token_id is None:
+    pad_token_id = eos_token_id
+  if key is None:
+    if temperature != 0.0:
+      raise ValueError(
+        "temperature > 0 samples tokens; pass key=jax.random.key(seed)"
+      )
+    key = jax.random.key(0)  # unused by greedy decoding
+  return _generate(
+    params,
+    input_ids,
+    jnp.asarray(attention_mask, jnp.int32),
+    key,
+    model=model,
+    apply_fn=model.apply if apply_fn is None else apply_fn,
+    max_new_tokens=max_new_tokens,
+    sampling=(float(temperature), top_k, top_p),
+    eos_pad=(eos_token_id, pad_token_id),
+  )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "apply_fn", "max_new_tokens", "sampling", "eos_pad")
+  jax.jit,
+  static_argnames=(
+    "model",
+    "apply_fn",
+    "max_new_tokens",
+    "sampling",
+    "eos_pad",
+  ),
 )
-def _generate(params, input_ids, attention_mask, key, *, model, apply_fn, max_new_tokens, sampling, eos_pad):
-    temperature, top_k, top_p = sampling
-    eos, pad = eos_pad
-    batch, prompt_len = input_ids.shape
-    total = prompt_len + max_new_tokens
-    # Every slot after the prompt will hold a generated token, so mark it valid up front; causality
-    # hides the slots not written yet.
-    kv_mask = jnp.concatenate(
-        [attention_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1
-    )
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-    variables = {"params": params}
-    pick = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+def _generate(
+  params,
+  input_ids,
+  attention_mask,
+  key,
+  *,
+  model,
+  apply_fn,
+  max_new_tokens,
+  sampling,
+  eos_pad,
+):
+  temperature, top_k, top_p = sampling
+  eos, pad = eos_pad
+  batch, prompt_len = input_ids.shape
+  total = prompt_len + max_new_tokens
+  # Every slot after the prompt will hold a generated token, so mark it valid up
+  # front; causality hides the slots not written yet.
+  kv_mask = jnp.concatenate(
+    [attention_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1
+  )
+  positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+  variables = {"params": params}
+  pick = functools.partial(
+    sample_logits, temperature=temperature, top_k=top_k, top_p=top_p
+  )
 
-    cache = init_cache(model, batch, total)
+  cache = init_cache(model, batch, total)
+  logits, cache = apply_fn(
+    variables,
+    input_ids,
+    positions=positions,
+    attention_mask=kv_mask,
+    cache=cache,
+  )
+  key, sub = jax.random.split(key)
+  token = pick(logits[:, -1], sub)
+  done = jnp.zeros((batch,), bool) if eos is None else token == eos
+  next_pos = positions[:, -1] + 1
+
+  def step(state, _):
+    token, pos, cache, done, key = state
     logits, cache = apply_fn(
-        variables, input_ids, positions=positions, attention_mask=kv_mask, cache=cache
+      variables,
+      token[:, None],
+      positions=pos[:, None],
+      attention_mask=kv_mask,
+      cache=cache,
     )
     key, sub = jax.random.split(key)
-    token = pick(logits[:, -1], sub)
-    done = jnp.zeros((batch,), bool) if eos is None else token == eos
-    next_pos = positions[:, -1] + 1
+    new = pick(logits[:, -1], sub)
+    if eos is not None:
+      new = jnp.where(done, pad, new)
+      done = done | (new == eos)
+    return (new, pos + 1, cache, done, key), new
 
-    def step(state, _):
-        token, pos, cache, done, key = state
-        logits, cache = apply_fn(
-            variables, token[:, None], positions=pos[:, None], attention_mask=kv_mask, cache=cache
-        )
-        key, sub = jax.random.split(key)
-        new = pick(logits[:, -1], sub)
-        if eos is not None:
-            new = jnp.where(done, pad, new)
-            done = done | (new == eos)
-        return (new, pos + 1, cache, done, key), new
-
-    state = (token, next_pos, cache, done, key)
-    _, rest = lax.scan(step, state, None, length=max_new_tokens - 1)
-    new_tokens = jnp.concatenate([token[:, None], rest.T], axis=1)
-    return jnp.concatenate([input_ids, new_tokens], axis=1)
+  state = (token, next_pos, cache, done, key)
+  _, rest = lax.scan(step, state, None, length=max_new_tokens - 1)
+  new_tokens = jnp.concatenate([token[:, None], rest.T], axis=1)
+  return jnp.concatenate([input_ids, new_tokens], axis=1)

@@ -15,11 +15,12 @@ DoRA and rsLoRA are fields/options of the node itself (``m``, ``rslora``).
 >>> tx = jlora.variants.loraplus_optimizer(optax.adamw, 2e-4, ratio=16.0)
 """
 
-from jlora.variants import adalora, dylora, init, loraplus, relora
+from jlora import initializers as init
+from jlora.variants import adalora, dylora, loraplus, relora
 from jlora.variants.adalora import AdaLoRAState
 from jlora.variants.dylora import mask_rank, sample, sample_rank, truncate
-from jlora.variants.init import (gaussian, initialize, olora, pissa,
-                                 randomized_svd)
+from jlora.initializers import (gaussian, initialize, olora, pissa,
+                                randomized_svd)
 from jlora.variants.loraplus import labels
 from jlora.variants.loraplus import optimizer as loraplus_optimizer
 from jlora.variants.relora import (jagged_schedule, prune_by_magnitude,

@@ -27,18 +27,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora.node import LoRA, base_array, factor_shapes, is_lora
+from jlora.node import LoRA, base_array, is_lora, kernel_matrix
 
 
 def _as_matrix(w: Any, layout: str) -> jax.Array:
   """The kernel as (*stacked, in, out), in at least float32."""
   w = base_array(w)
-  order = ([k for k, r in enumerate(layout) if r == "b"] +
-           [k for k, r in enumerate(layout) if r == "i"] +
-           [k for k, r in enumerate(layout) if r == "o"])
-  stacked, fan_in, fan_out = factor_shapes(layout, tuple(w.shape))
-  acc = jnp.promote_types(w.dtype, jnp.float32)
-  return jnp.transpose(w, order).reshape(*stacked, fan_in, fan_out).astype(acc)
+  return kernel_matrix(w, layout).astype(jnp.promote_types(w.dtype,
+                                                           jnp.float32))
 
 
 def _with_factors(node: LoRA, a: jax.Array, b: jax.Array,
