@@ -16,7 +16,7 @@ import optax
 
 from jlora import _paths
 from jlora.node import LoRA, is_lora
-from jlora.targets import Selector
+from jlora.targets import Selector, matcher
 
 # Roles of a LoRA node's array fields.
 _FIELD_LABELS = {"w": "frozen", "a": "lora_a", "b": "lora_b", "e": "lora_e",
@@ -28,10 +28,8 @@ LABELS = ("lora_a", "lora_b", "lora_e", "lora_m", "full", "frozen")
 def _selected(selector: Selector, path: str, leaf: Any) -> bool:
   if selector is None:
     return False
-  if isinstance(selector, (str, re.Pattern)):
-    return re.search(selector, path) is not None
-  if callable(selector):
-    return bool(selector(path, leaf))
+  if isinstance(selector, (str, re.Pattern)) or callable(selector):
+    return matcher(selector)(path, leaf)
   return any(_selected(s, path, leaf) for s in selector)
 
 
@@ -42,7 +40,7 @@ def _node_labels(node: LoRA, train_a: bool) -> LoRA:
       continue
     if getattr(node, f.name) is None:
       values[f.name] = None
-    elif f.name == "a" and not train_a:
+    elif f.name == "a" and not (train_a and node.train_a):
       values[f.name] = "frozen"
     else:
       values[f.name] = _FIELD_LABELS.get(f.name, "frozen")
@@ -53,7 +51,7 @@ def labels(tree: Any, *, full: Selector = None, train_a: bool = True) -> Any:
   """Per-leaf role labels of a LoRA tree, for ``optax.multi_transform``.
 
   Inside each `LoRA` node: ``a`` -> ``"lora_a"`` (``"frozen"`` when
-  ``train_a=False``: LoRA-FA), ``b`` -> ``"lora_b"``, ``e`` -> ``"lora_e"``,
+  ``train_a=False`` here or on the node: LoRA-FA), ``b`` -> ``"lora_b"``, ``e`` -> ``"lora_e"``,
   ``m`` -> ``"lora_m"``, ``w`` -> ``"frozen"``. Every other leaf is
   ``"full"`` if `full` selects it (PEFT's ``modules_to_save``: a head or a
   norm trained in full) and ``"frozen"`` otherwise.
