@@ -1,0 +1,443 @@
+"""HuggingFace PEFT adapter files, both ways: `save` and `load`.
+
+A PEFT LoRA adapter is a directory with ``adapter_config.json`` and
+``adapter_model.safetensors``. For a transformers model whose module names
+mirror the Flax param paths (as `jlora.models` does), the two correspond
+one to one::
+
+    jlora path   model/layers/0/self_attn/q_proj/kernel      w (in, out)
+    PEFT module  model.layers.0.self_attn.q_proj             W (out, in)
+
+    a (in, r)  <->  base_model.model.<module>.lora_A.weight           [r, in]
+    b (r, out) <->  base_model.model.<module>.lora_B.weight           [out, r]
+    m (out,)   <->  base_model.model.<module>.lora_magnitude_vector   [out]
+
+so ``lora_A = a.T`` and ``lora_B = b.T``, and PEFT's update
+``scale * B @ A`` is the transpose of jlora's ``scale * a @ b``. A scanned
+kernel (``model/layers/self_attn/q_proj/kernel``, shape (L, in, out),
+layout 'bio') is one PEFT module per layer: the layer index goes after the
+``layers`` path segment.
+
+Scale: ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), per module
+through ``rank_pattern`` / ``alpha_pattern``. DoRA (``use_dora``): the fused
+kernel is ``m * W' / ||W'||``, norms per output, in both libraries.
+
+Example:
+  >>> jlora.peft.save(lora_params, "out/adapter", base_model_name_or_path=mid)
+  >>> peft_model = peft.PeftModel.from_pretrained(hf_model, "out/adapter")
+  >>> lora_params = jlora.peft.load("out/adapter", params)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (NumPy bfloat16 for safetensors)
+import numpy as np
+
+from jlora import _paths
+from jlora import _peft_config as cfg
+from jlora._peft_config import PeftFormatError
+from jlora.inject import _adapter_shardings
+from jlora.node import LoRA, base_array, default_layout, is_lora
+from jlora.targets import HEAD_PATTERN, is_matrix
+
+__all__ = ["PeftFormatError", "load", "module_names", "save"]
+
+_A, _B = "lora_A.weight", "lora_B.weight"
+_M, _M_OLD = "lora_magnitude_vector", "lora_magnitude_vector.weight"
+_BASE = "base_layer.weight"
+
+
+@dataclasses.dataclass
+class _Module:
+  """A linear kernel of the params tree, as one or more PEFT modules."""
+  path: str
+  leaf: Any
+  layout: str
+  names: list[str]  # one per stacked index; one name for an 'io' kernel
+
+
+def _module_name(path: str, layers_key: str, index: int | None) -> str:
+  parts = path.split("/")[:-1]
+  if index is not None:
+    at = next(k for k in range(len(parts) - 1) if parts[k] == layers_key
+              and not parts[k + 1].isdigit())
+    parts = parts[:at + 1] + [str(index)] + parts[at + 1:]
+  return ".".join(parts)
+
+
+def _stack_slot(path: str, layers_key: str) -> bool:
+  parts = path.split("/")[:-1]
+  return any(parts[k] == layers_key and not parts[k + 1].isdigit()
+             for k in range(len(parts) - 1))
+
+
+def _modules(tree: Any, layers_key: str) -> Iterator[_Module]:
+  """Linear kernels (leaves named 'kernel') that map to PEFT modules."""
+  for path, leaf in _paths.leaves_with_path(tree):
+    if path.rsplit("/", 1)[-1] != "kernel":
+      continue
+    if is_lora(leaf):
+      layout = leaf.layout
+      shape = leaf.shape if leaf.w is not None else None
+    elif is_matrix(leaf):
+      layout, shape = default_layout(leaf.ndim), tuple(leaf.shape)
+    else:
+      continue
+    if layout == "io":
+      yield _Module(path, leaf, layout, [_module_name(path, layers_key, None)])
+    elif layout == "bio" and _stack_slot(path, layers_key):
+      layers = shape[0] if shape is not None else leaf.a.shape[0]
+      yield _Module(path, leaf, layout, [
+          _module_name(path, layers_key, i) for i in range(layers)])
+    elif is_lora(leaf):
+      raise PeftFormatError(
+          f"LoRA node '{path}' has layout '{layout}'; a PEFT Linear adapter"
+          " needs a 2-D (in, out) kernel ('io'), or a scanned (layers, in,"
+          f" out) kernel ('bio') under a '{layers_key}' path segment")
+
+
+def module_names(params: Any, *, layers_key: str = "layers") -> list[str]:
+  """PEFT module names of the linear kernels of `params`, in tree order.
+
+  >>> jlora.peft.module_names(params)[:2]
+  ['lm_head', 'model.layers.0.mlp.down_proj']
+  """
+  return [n for m in _modules(params, layers_key) for n in m.names]
+
+
+# --------------------------------------------------------------------- save
+
+
+def _check_node(path: str, node: LoRA) -> None:
+  if node.a is None or node.b is None or node.w is None:
+    raise PeftFormatError(
+        f"LoRA node '{path}' is one half of a partition (w, a or b is None);"
+        " pass jlora.combine(trainable, frozen)")
+  if node.e is not None:
+    raise PeftFormatError(
+        f"LoRA node '{path}' has field e (AdaLoRA per-rank gains), which a"
+        " PEFT LoRA adapter cannot hold; fold them into b first:"
+        " dataclasses.replace(node, b=node.e[..., :, None] * node.b, e=None)")
+
+
+def _global(nodes: list[tuple[str, LoRA]], field: str, value) -> Any:
+  values = {value(n) for _, n in nodes}
+  if len(values) > 1:
+    example = {v: next(p for p, n in nodes if value(n) == v) for v in values}
+    raise PeftFormatError(
+        f"PEFT's adapter_config.json has one {field} for all modules but"
+        f" these LoRA nodes differ: {example}; save them as separate adapters")
+  return values.pop()
+
+
+def _host(x: Any, index: int | None) -> np.ndarray:
+  return np.asarray(x if index is None else x[index])
+
+
+def save(tree: Any, directory: str | os.PathLike, *,
+         base_model_name_or_path: str | None = None,
+         task_type: str | None = "CAUSAL_LM",
+         layers_key: str = "layers") -> None:
+  """Writes the adapters of a LoRA tree as a PEFT LoRA adapter directory.
+
+  Writes ``adapter_config.json`` and ``adapter_model.safetensors`` as peft
+  0.21's ``save_pretrained`` does, so that
+  ``peft.PeftModel.from_pretrained(hf_model, directory)`` reproduces
+  ``jlora.wrap(model.apply)``'s outputs. Tensors keep their own dtype;
+  ``lora_A = a.T`` [r, in], ``lora_B = b.T`` [out, r] and, for DoRA,
+  ``lora_magnitude_vector = m`` [out], one key per layer for a scanned
+  kernel. ``target_modules`` lists module-name suffixes (``q_proj``) when
+  every such module is adapted, full names otherwise; per-module ranks and
+  alphas go to ``rank_pattern`` / ``alpha_pattern``.
+
+  Args:
+    tree: a LoRA tree holding its base (`jlora.apply`'s output, or
+      ``jlora.combine(trainable, frozen)``), e.g. over `jlora.models` params.
+    directory: created if missing; existing files of the same names are
+      replaced.
+    base_model_name_or_path: recorded in the config (PEFT's
+      ``from_pretrained`` of an ``AutoPeftModel`` loads it).
+    task_type: PEFT task type, ``"CAUSAL_LM"`` by default.
+    layers_key: path segment of a scanned layer stack; a stacked kernel's
+      layer index is inserted after it.
+
+  Raises:
+    PeftFormatError (a ValueError): a node PEFT cannot express: AdaLoRA
+      gains ``e``, a layout other than 'io' / scanned 'bio', a partition
+      half, or nodes disagreeing on rslora, dropout or DoRA.
+
+  Example:
+    >>> lp = jlora.apply(params, rank=8, targets="q_proj|v_proj", key=key)
+    >>> jlora.peft.save(lp, "adapter", base_model_name_or_path="Qwen/...")
+  """
+  from safetensors.numpy import save_file
+
+  modules = list(_modules(tree, layers_key))
+  nodes = [(m.path, m.leaf) for m in modules if is_lora(m.leaf)]
+  if not nodes:
+    raise PeftFormatError(
+        "jlora.peft.save found no LoRA node on a linear kernel (a leaf named"
+        " 'kernel'); call jlora.apply(params, ...) first")
+  for path, node in nodes:
+    _check_node(path, node)
+  other = [p for p, x in _paths.leaves_with_path(tree)
+           if is_lora(x) and not p.endswith("/kernel")]
+  if other:
+    raise PeftFormatError(
+        f"LoRA nodes on {other} are not on a linear kernel (a leaf named"
+        " 'kernel'); jlora.peft.save writes Linear adapters only (embedding"
+        " adapters are not supported)")
+  rslora = _global(nodes, "use_rslora", lambda n: n.rslora)
+  dropout = _global(nodes, "lora_dropout", lambda n: n.dropout)
+  dora = _global(nodes, "use_dora (DoRA magnitude m)",
+                 lambda n: n.m is not None)
+
+  tensors, ranks, alphas = {}, {}, {}
+  for m in modules:
+    if not is_lora(m.leaf):
+      continue
+    node = m.leaf
+    for i, name in enumerate(m.names):
+      index = None if m.layout == "io" else i
+      key = cfg.KEY_PREFIX + name
+      tensors[f"{key}.{_A}"] = np.ascontiguousarray(_host(node.a, index).T)
+      tensors[f"{key}.{_B}"] = np.ascontiguousarray(_host(node.b, index).T)
+      if dora:
+        tensors[f"{key}.{_M}"] = _host(node.m, index)
+      ranks[name], alphas[name] = node.rank, cfg.number(node.alpha)
+  r, rank_pattern = cfg.patterns(ranks)
+  alpha, alpha_pattern = cfg.patterns(alphas)
+  linear = [n for m in modules for n in m.names]
+  config = dict(cfg.DEFAULTS)
+  config.update(
+      r=r, lora_alpha=alpha, rank_pattern=rank_pattern,
+      alpha_pattern=alpha_pattern, use_rslora=rslora, use_dora=dora,
+      lora_dropout=dropout,
+      target_modules=cfg.target_modules(ranks, linear),
+      task_type=task_type, base_model_name_or_path=base_model_name_or_path)
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  save_file(tensors, os.path.join(directory, cfg.WEIGHTS_NAME),
+            metadata={"format": "pt"})
+  cfg.write(directory, config)
+
+
+# --------------------------------------------------------------------- load
+
+
+def _read_tensors(directory: str) -> dict[str, dict[str, np.ndarray]]:
+  """File tensors grouped by module name: {module: {field: array}}."""
+  from safetensors.numpy import load_file
+
+  path = os.path.join(directory, cfg.WEIGHTS_NAME)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"{path} not found; jlora.peft.load reads safetensors adapters as"
+        " written by PeftModel.save_pretrained (safe_serialization=True)")
+  groups: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in load_file(path).items():
+    field = next((f for f in (_A, _B, _M_OLD, _M, _BASE)
+                  if key.endswith("." + f)), None)
+    if not key.startswith(cfg.KEY_PREFIX) or field is None:
+      hint = (" (an embedding adapter; jlora.peft.load reads Linear adapters"
+              " only)" if "lora_embedding" in key else "")
+      raise PeftFormatError(
+          f"unexpected key '{key}' in {path}{hint}; expected keys"
+          f" '{cfg.KEY_PREFIX}<module>.{{{_A}, {_B}, {_M}}}'")
+    module = key[len(cfg.KEY_PREFIX):-len(field) - 1]
+    groups.setdefault(module, {})[_M if field == _M_OLD else field] = value
+  return groups
+
+
+def _expect(key: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
+  if tuple(array.shape) != tuple(shape):
+    raise PeftFormatError(
+        f"'{key}' has shape {list(array.shape)} but the base kernel and the"
+        f" config give {list(shape)}; was the adapter trained on another"
+        " model or with another r / rank_pattern?")
+
+
+def _place(x: jax.Array, sharding) -> jax.Array:
+  return x if sharding is None else jax.device_put(x, sharding)
+
+
+def _build_node(module: _Module, groups, config, dtype) -> LoRA:
+  """One LoRA node from the file tensors of the module's layers."""
+  w = module.leaf
+  stacked = module.layout == "bio"
+  fan_in, fan_out = w.shape[-2:]
+  use_rslora = bool(config.get("use_rslora", False))
+  use_dora = bool(config.get("use_dora", False))
+  per_layer = []  # (rank, alpha, scale, tensors), None for a layer left out
+  for name in module.names:
+    t = groups.get(name)
+    if t is None:
+      per_layer.append(None)
+      continue
+    key = cfg.KEY_PREFIX + name
+    r = cfg.pattern_value(config.get("rank_pattern"), name, config["r"])
+    alpha = cfg.pattern_value(config.get("alpha_pattern"), name,
+                              config.get("lora_alpha", 8))
+    for field in (_A, _B) + ((_M,) if use_dora else ()):
+      if field not in t:
+        raise PeftFormatError(
+            f"missing key '{key}.{field}' for targeted module '{name}'")
+    if not use_dora and _M in t:
+      raise PeftFormatError(
+          f"unexpected key '{key}.{_M}': the config has use_dora=false")
+    _expect(f"{key}.{_A}", t[_A], (r, fan_in))
+    _expect(f"{key}.{_B}", t[_B], (fan_out, r))
+    if use_dora:
+      _expect(f"{key}.{_M}", t[_M], (fan_out,))
+    if _BASE in t:
+      _expect(f"{key}.{_BASE}", t[_BASE], (fan_out, fan_in))
+    scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+    per_layer.append((r, alpha, scale, t))
+
+  present = [x for x in per_layer if x is not None]
+  adapter_dtype = jnp.dtype(dtype or present[0][3][_A].dtype)
+  if len(present) == len(per_layer) and len(
+      {(x[0], x[1]) for x in present}) == 1:
+    rank, alpha, fold = present[0][0], float(present[0][1]), False
+  else:
+    # Layers of one scanned kernel with different ranks or alphas, or left
+    # out: zero-pad to the largest rank and fold each layer's scale into b,
+    # the node's own scale being 1.
+    rank = max(x[0] for x in present)
+    alpha, fold = (math.sqrt(rank) if use_rslora else float(rank)), True
+
+  host = np.float64 if adapter_dtype == np.float64 else np.float32
+  a = np.zeros((len(per_layer), fan_in, rank), host)
+  b = np.zeros((len(per_layer), rank, fan_out), host)
+  m = np.zeros((len(per_layer), fan_out), host) if use_dora else None
+  new_base = {}
+  for i, x in enumerate(per_layer):
+    if x is None:
+      if use_dora:
+        # A layer PEFT leaves alone: zero update, magnitude = its own norms.
+        m[i] = np.linalg.norm(
+            np.asarray(base_array(w)[i], np.float32), axis=0)
+      continue
+    r, _, scale, t = x
+    a[i, :, :r] = t[_A].T
+    b[i, :r, :] = t[_B].T * (scale if fold else 1.0)
+    if use_dora:
+      m[i] = t[_M]
+    if _BASE in t:
+      # PEFT saves the base weight of a targeted output head along with the
+      # adapter, and loads it over the model's own: do the same.
+      new_base[i] = t[_BASE].T
+  if not stacked:
+    a, b, m = a[0], b[0], (None if m is None else m[0])
+  if new_base:
+    base = np.array(base_array(w))
+    if stacked:
+      for i, v in new_base.items():
+        base[i] = v
+    else:
+      base = new_base[0]
+    w = _place(jnp.asarray(base, w.dtype), getattr(w, "sharding", None))
+  a_sharding, b_sharding = _adapter_shardings(w, module.layout)
+  m_sharding = None
+  if b_sharding is not None:
+    spec = tuple(b_sharding.spec)
+    m_sharding = jax.sharding.NamedSharding(
+        b_sharding.mesh, jax.sharding.PartitionSpec(*spec[:-2], spec[-1]))
+  return LoRA(
+      w=w,
+      a=_place(jnp.asarray(a, adapter_dtype), a_sharding),
+      b=_place(jnp.asarray(b, adapter_dtype), b_sharding),
+      m=None if m is None else _place(jnp.asarray(m, adapter_dtype),
+                                      m_sharding),
+      alpha=alpha, layout=module.layout, rslora=use_rslora,
+      path=module.path, dropout=float(config.get("lora_dropout") or 0.0))
+
+
+def load(directory: str | os.PathLike, params: Any, *, dtype: Any = None,
+         layers_key: str = "layers") -> Any:
+  """Attaches a PEFT LoRA adapter to Flax params; returns the LoRA tree.
+
+  Reads what ``PeftModel.save_pretrained`` writes for a transformers model
+  whose module names mirror the params' paths (`jlora.models`, scanned or
+  not) and gives each adapted kernel a `LoRA` node with ``a = lora_A.T``,
+  ``b = lora_B.T`` (and ``m = lora_magnitude_vector`` for DoRA), so that
+  ``jlora.wrap(model.apply)`` computes what the PEFT model computes.
+
+  Honoured: ``r``, ``lora_alpha``, ``use_rslora``, ``use_dora``,
+  ``rank_pattern``, ``alpha_pattern``, ``target_modules`` (list or regex),
+  ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``,
+  ``lora_dropout`` (the nodes' dropout). Ignored, as they only matter at
+  init or for bookkeeping: ``init_lora_weights``, ``task_type``, LoftQ / EVA
+  / CorDA configs and the like. Layers of a scanned kernel with different
+  ranks or alphas, or left out by ``layers_to_transform``, are zero-padded
+  to the largest rank with each layer's scale folded into ``b``.
+
+  Args:
+    directory: holds ``adapter_config.json`` and
+      ``adapter_model.safetensors``.
+    params: the base params (no LoRA nodes yet), possibly sharded; adapters
+      follow the kernels' shardings as in `jlora.apply`.
+    dtype: adapter dtype; default the file's.
+    layers_key: path segment of a scanned layer stack.
+
+  Returns:
+    `params` with each targeted kernel replaced by a `LoRA` node.
+
+  Raises:
+    PeftFormatError (a ValueError): a config field jlora cannot honour
+      (``peft_type`` other than LORA, ``fan_in_fan_out``, ``bias`` other than
+      "none", ``modules_to_save``, ``use_qalora``, ``lora_bias``, ...), a
+      missing or unexpected key, or a shape mismatch; the message names it.
+
+  Example:
+    >>> model, params = jlora.models.from_pretrained("Qwen/Qwen2.5-0.5B")
+    >>> lp = jlora.peft.load("my-peft-adapter", params)
+    >>> logits = jlora.wrap(model.apply)({"params": lp}, ids)
+  """
+  directory = os.fspath(directory)
+  config = cfg.read(directory)
+  cfg.check(config)
+  groups = _read_tensors(directory)
+  existing = [p for p, x in _paths.leaves_with_path(params) if is_lora(x)]
+  if existing:
+    raise PeftFormatError(
+        f"params already hold LoRA nodes at {existing[:3]}; pass the base"
+        " params (jlora.merge(params) to fuse an earlier adapter)")
+  modules = list(_modules(params, layers_key))
+  targets = config["target_modules"]
+  if targets == "all-linear" or targets == ["all-linear"]:
+    # PEFT: every Linear except the output layer.
+    heads = {n for m in modules if HEAD_PATTERN.search(m.path) for n in m.names}
+    config = {**config, "target_modules": [
+        n for m in modules for n in m.names if n not in heads]}
+  targeted = {n for m in modules for n in m.names
+              if cfg.is_targeted(config, n)}
+  known = {n for m in modules for n in m.names}
+  if not targeted:
+    raise PeftFormatError(
+        f"target_modules={config['target_modules']!r} matches no linear"
+        f" kernel of params; module names look like {sorted(known)[:3]}")
+  for name in sorted(set(groups) - targeted):
+    key = f"{cfg.KEY_PREFIX}{name}.{next(iter(groups[name]))}"
+    why = ("is not targeted by the config's target_modules /"
+           " layers_to_transform / exclude_modules" if name in known else
+           f"has no linear kernel in params (known modules look like"
+           f" {sorted(known)[:3]})")
+    raise PeftFormatError(f"unexpected key '{key}': module '{name}' {why}")
+  for name in sorted(targeted - set(groups)):
+    raise PeftFormatError(
+        f"missing key '{cfg.KEY_PREFIX}{name}.{_A}': module '{name}' is"
+        " targeted by the config but has no tensors in the file")
+  replace = {}
+  for m in modules:
+    if any(n in targeted for n in m.names):
+      groups_here = {n: groups[n] for n in m.names if n in targeted}
+      replace[m.path] = _build_node(m, groups_here, config, dtype)
+  return _paths.map_with_path(lambda p, x: replace.get(p, x), params)
