@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -71,3 +72,31 @@ def test_finetune_causal_lm_on_a_mesh(tmp_path):
                        devices=4)
   assert "after:" in result.stdout
   assert (tmp_path / "adapter_peft" / "adapter_model.safetensors").is_file()
+
+
+def _run_small(name, *flags):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "examples", name), *flags], env=env,
+      capture_output=True, text=True, timeout=180)
+  assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+  return result.stdout
+
+
+def test_quickstart_example_learns_and_keeps_base():
+  out = _run_small("quickstart.py", "--steps", "150")
+  first, last = (float(v) for v in re.search(
+      r"loss ([0-9.e+-]+) -> ([0-9.e+-]+)", out).groups())
+  assert last < first / 5
+  assert "base weights unchanged: True" in out
+
+
+def test_checkpointing_example_round_trips():
+  out = _run_small("checkpointing.py")
+  assert "restored adapter reproduces the outputs bit for bit" in out
+  # 22 layers x r=16 x (q,k,v,o: 2048+2048, 2048+256 twice, ...) in bf16.
+  h, i, kv, r, layers = 2048, 5632, 256, 16, 22
+  per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))
+  expected_mb = layers * per_layer * 2 / 1e6
+  reported = float(re.search(r"bf16: ([0-9.]+) MB", out).group(1))
+  assert abs(reported - expected_mb) < 0.1
