@@ -8,9 +8,14 @@
 import importlib
 
 from jlora import variants
+from jlora.adapters import (AdapterSet, add_adapter, load_adapter_set,
+                            remove_adapter, save_adapter_set, select,
+                            set_active)
+from jlora.adapters import wrap as wrap_adapter
 from jlora._factored import LayoutError
 from jlora.inject import apply
 from jlora.merge import merge
+from jlora.merging import combine_adapters
 from jlora.node import LoRA
 from jlora.partition import combine, mask, optimizer, partition
 from jlora.summary import Count, count, summary
@@ -21,7 +26,7 @@ __version__ = "0.1.0"
 
 # Subpackages with heavier imports (orbax, safetensors, transformers) load on
 # first use, so `import jlora` stays light and never imports torch.
-_LAZY_MODULES = ("models", "peft", "checkpoint")
+_LAZY_MODULES = ("models", "peft", "checkpoint", "lorahub")
 _LAZY_NAMES = {
     "save_adapter": "checkpoint", "load_adapter": "checkpoint",
     "save_merged": "checkpoint", "load_merged": "checkpoint",
@@ -41,6 +46,9 @@ def __getattr__(name):
 
 
 __all__ = [
+    "AdapterSet", "add_adapter", "combine_adapters", "load_adapter_set",
+    "remove_adapter", "save_adapter_set", "select", "set_active",
+    "wrap_adapter",
     "AdapterMismatchError", "CheckpointCorruptError", "CheckpointManager",
     "CheckpointMismatchError", "Count", "LayoutError", "LoRA", "apply",
     "combine", "count", "labels", "load_adapter", "load_merged",
