@@ -7,7 +7,7 @@
 
 import importlib
 
-from jlora import variants
+from jlora import quant, variants
 from jlora.adapters import (AdapterSet, add_adapter, load_adapter_set,
                             remove_adapter, save_adapter_set, select,
                             set_active)
@@ -18,6 +18,7 @@ from jlora.merge import merge
 from jlora.merging import combine_adapters
 from jlora.node import LoRA
 from jlora.partition import combine, mask, optimizer, partition
+from jlora.quant import QuantizedArray, dequantize, quantize
 from jlora.summary import Count, count, summary
 from jlora.variants import labels, loraplus_optimizer, relora, truncate
 from jlora.wrap import wrap
@@ -48,7 +49,7 @@ def __getattr__(name):
 __all__ = [
     "AdapterSet", "add_adapter", "combine_adapters", "load_adapter_set",
     "remove_adapter", "save_adapter_set", "select", "set_active",
-    "wrap_adapter",
+    "wrap_adapter", "QuantizedArray", "dequantize", "quant", "quantize",
     "AdapterMismatchError", "CheckpointCorruptError", "CheckpointManager",
     "CheckpointMismatchError", "Count", "LayoutError", "LoRA", "apply",
     "combine", "count", "labels", "load_adapter", "load_merged",

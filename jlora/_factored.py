@@ -7,6 +7,11 @@ input axes and ``b`` on its stacked and output axes, both in the kernel's
 current axis order with the rank axis last. A matrix product against it is
 computed as ``x @ w + scale * (x @ a) @ b``; any other use sees the fused
 kernel.
+
+A quantized base (`QuantizedArray`) stays quantized in ``w``: casts and
+reshapes act on its metadata, a scan slices its stored arrays, and each
+product dequantizes it right there (recomputed, not saved, for the backward
+pass), so a stacked kernel is never dequantized whole.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora._quant_array import is_quantized
 from jlora.node import LoRA, base_array
 
 
@@ -64,8 +70,9 @@ class Factored:
   def from_node(cls, node: LoRA, rng=None) -> "Factored":
     node.check_complete()
     # The base is frozen: no gradient ever flows to it, so its weight
-    # gradient is never computed.
-    w = jax.lax.stop_gradient(base_array(node.w))
+    # gradient is never computed. A quantized base stays quantized here and
+    # is dequantized at each use.
+    w = jax.lax.stop_gradient(node.w)
     roles, shape = node.layout, tuple(w.shape)
     r = node.rank
     stacked = tuple(s for s, x in zip(shape, roles) if x == "b")
@@ -79,7 +86,7 @@ class Factored:
     gain = None
     if node.m is not None:
       acc = jnp.promote_types(w.dtype, jnp.float32)
-      gain = node.column_gain(w.astype(acc) + node.delta(acc))
+      gain = node.column_gain(base_array(w).astype(acc) + node.delta(acc))
     if node.dropout and rng is not None:
       rng = jax.random.split(rng, stacked) if stacked else rng
     else:
@@ -104,7 +111,7 @@ class Factored:
       return [old.index(p) for p in new] + [len(old)]
 
     return self.replace(
-        w=jnp.transpose(self.w, perm), roles=roles,
+        w=_transpose(self.w, perm), roles=roles,
         orig=tuple(self.orig[p] for p in perm),
         a=jnp.transpose(self.a, factor_perm("bi")),
         b=jnp.transpose(self.b, factor_perm("bo")),
@@ -161,7 +168,10 @@ class Factored:
 
   def scanned(self):
     """The arrays a scan over the leading stacked axis slices."""
-    return (self.w, self.a, self.b, self.gain, self.rng)
+    w = self.w
+    if is_quantized(w) and w.stacked < 1:
+      w = base_array(w)  # quantized without a stacked axis: slice it dense
+    return (w, self.a, self.b, self.gain, self.rng)
 
   def slice_leading(self, w, a, b, gain, rng) -> "Factored":
     """The value one step of a scan over the leading stacked axis sees."""
@@ -179,7 +189,8 @@ class Factored:
     bl = "".join(l for l, x in zip(kl, self.roles) if x in "bo") + r
     delta = jnp.einsum(f"{al},{bl}->{''.join(kl)}", self.a, self.b)
     delta = delta * jnp.asarray(self.scale, delta.dtype)
-    fused = self.w + delta.astype(self.w.dtype)
+    w = base_array(self.w)
+    fused = w + delta.astype(w.dtype)
     if self.gain is not None:
       fused = fused * self.gain.astype(fused.dtype)
     return fused
@@ -193,7 +204,7 @@ class Factored:
       xc, kc, xb, kb = rc, lc, rb, lb
     xc, kc, xb, kb = (tuple(int(i) for i in t) for t in (xc, kc, xb, kb))
     self._check_contraction(kc, kb)
-    base = bind(*((x, self.w) if kernel_is_rhs else (self.w, x)))
+    base = self._base_product(x, kernel_is_rhs, bind)
 
     letters = iter(string.ascii_letters)
     xl = [next(letters) for _ in range(x.ndim)]
@@ -230,6 +241,25 @@ class Factored:
       y = jnp.einsum(f"{''.join(out)},{''.join(gl)}->{''.join(out)}", y, gain)
     return y
 
+  def _base_product(self, x, kernel_is_rhs: bool, bind):
+    """``dot_general(x, w)``, dequantizing a quantized ``w`` for this use."""
+    if not is_quantized(self.w):
+      return bind(*((x, self.w) if kernel_is_rhs else (self.w, x)))
+
+    def product(x, w):
+      dense = w.dequantize()
+      return bind(*((x, dense) if kernel_is_rhs else (dense, x)))
+
+    if not any(isinstance(v, jax.core.Tracer) for v in (x, self.w.codes)):
+      return product(x, self.w)  # eager: nothing is differentiated
+
+    # Saving nothing makes the backward pass dequantize again from the codes
+    # instead of keeping the dense kernel (per layer of a scan: the whole
+    # stack) alive from the forward pass.
+    return jax.checkpoint(product,
+                          policy=jax.checkpoint_policies.nothing_saveable)(
+                              x, self.w)
+
   def _dropout(self, x):
     if self.rng is None:
       return x
@@ -256,6 +286,12 @@ class Factored:
         f" input axes are {[k for k, r in enumerate(self.layout) if r == 'i']}."
         f" Re-create the adapter with jlora.apply(...,"
         f" layout={{{self.path!r}: {suggestion!r}}}).")
+
+
+def _transpose(w, perm):
+  if is_quantized(w):
+    return w.transpose(perm)  # dequantizes unless perm is the identity
+  return jnp.transpose(w, perm)
 
 
 def _reshape_groups(old, new):

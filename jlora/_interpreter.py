@@ -18,6 +18,8 @@ from jax.extend import core as jex_core
 from jax.extend.core import primitives as prims
 
 from jlora._factored import Factored
+from jlora._quant_array import is_quantized
+from jlora.node import base_array
 
 _Literal = jex_core.Literal
 _DropVar = jex_core.DropVar
@@ -108,7 +110,13 @@ def _kernel_passthrough_rule(eqn, invals):
   if len(invals) != 1:
     return _fuse_rule(eqn, invals)
   kernel = invals[0]
-  return [kernel.replace(w=bind(eqn, [kernel.w])[0])]
+  w = kernel.w
+  if is_quantized(w):
+    if eqn.primitive.name in ("copy", "copy_p"):
+      return [kernel]
+    # A sharding hint names the dense kernel's axes: dequantize for this use.
+    w = base_array(w)
+  return [kernel.replace(w=bind(eqn, [w])[0])]
 
 
 def _jit_rule(eqn, invals):

@@ -6,7 +6,13 @@ from typing import Any, Callable
 
 import jax
 
+from jlora._quant_array import is_quantized
 from jlora.node import is_lora
+
+
+def is_leaf(x: Any) -> bool:
+  """`LoRA` nodes and quantized kernels are visited whole, as leaves."""
+  return is_lora(x) or is_quantized(x)
 
 
 def key_str(key: Any) -> str:
@@ -35,11 +41,11 @@ def path_str(path: tuple) -> str:
 
 
 def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
-  """tree_map with '/'-joined paths; `LoRA` nodes are visited whole."""
+  """tree_map with '/'-joined paths; `LoRA` nodes, quantized kernels whole."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: fn(path_str(p), x), tree, is_leaf=is_lora)
+      lambda p, x: fn(path_str(p), x), tree, is_leaf=is_leaf)
 
 
 def leaves_with_path(tree: Any) -> list[tuple[str, Any]]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   return [(path_str(p), x) for p, x in flat]

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 
 from jlora import _paths
+from jlora._quant_array import is_quantized
 from jlora.node import is_lora
 from jlora.partition import partition
 
@@ -22,8 +23,9 @@ class Count(NamedTuple):
 
 
 def _size(tree: Any) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree)
-             if hasattr(x, "shape"))
+  """Logical element count: a quantized kernel counts as its dense shape."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(
+      tree, is_leaf=is_quantized) if hasattr(x, "shape"))
 
 
 def count(tree: Any) -> Count:

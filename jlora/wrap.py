@@ -10,18 +10,28 @@ import numpy as np
 
 from jlora._factored import Factored
 from jlora._interpreter import eval_jaxpr
+from jlora._paths import is_leaf
+from jlora._quant_array import is_quantized
 from jlora.node import is_lora
 
 
 def _is_dynamic(x: Any) -> bool:
-  return is_lora(x) or isinstance(x, (jax.Array, np.ndarray, np.generic))
+  return is_leaf(x) or isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
 def _abstract(x: Any) -> Any:
   if is_lora(x):
     x.check_complete()
+  if is_leaf(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
   return x
+
+
+def _input(x: Any, rng) -> Any:
+  if is_lora(x):
+    return Factored.from_node(x, rng)
+  # A quantized kernel without an adapter is frozen: dequantize it once.
+  return x.dequantize() if is_quantized(x) else x
 
 
 def _node_rng(rng, index: int):
@@ -41,7 +51,9 @@ def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
   `grad` and `vmap` outside it.
 
   Array arguments (and `LoRA` nodes) are traced; every other argument
-  (Python scalars, strings, flags) is passed to `fn` as a constant.
+  (Python scalars, strings, flags) is passed to `fn` as a constant. A
+  quantized kernel (see `jlora.quantize`) is dequantized per use when it has
+  an adapter and once at entry when it has none.
 
   Adapter dropout (nodes made with ``dropout > 0``) is active only when the
   call is given a PRNG key as the keyword ``lora_rng``; it masks the input of
@@ -59,9 +71,9 @@ def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
 
   @functools.wraps(fn)
   def wrapped(*args, lora_rng: jax.Array | None = None, **kwargs):
-    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_lora)
+    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_leaf)
     dynamic = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
-    if not any(is_lora(leaves[i]) for i in dynamic):
+    if not any(is_leaf(leaves[i]) for i in dynamic):
       return fn(*args, **kwargs)
 
     def flat_fn(*values):
@@ -73,8 +85,7 @@ def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
         *[_abstract(leaves[i]) for i in dynamic])
-    inputs = [Factored.from_node(leaves[i], _node_rng(lora_rng, n))
-              if is_lora(leaves[i]) else leaves[i]
+    inputs = [_input(leaves[i], _node_rng(lora_rng, n))
               for n, i in enumerate(dynamic)]
     outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs, fuse_outputs=True)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)

@@ -356,3 +356,32 @@ def test_unsupported_architecture(tmp_path):
   ).save_pretrained(tmp_path)
   with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
     from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_quantize_on_load_equals_quantize_after_load(tmp_path, scan_layers):
+  import jlora
+  from jlora import quant
+
+  saved(tmp_path, "llama")
+  model, dense = from_pretrained(tmp_path, scan_layers=scan_layers)
+  _, qparams = from_pretrained(tmp_path, scan_layers=scan_layers,
+                               quantize="nf4")
+  expected = quant.quantize(dense, "nf4")
+  flat_q = jax.tree_util.tree_leaves_with_path(qparams)
+  flat_e = jax.tree_util.tree_leaves_with_path(expected)
+  assert [p for p, _ in flat_q] == [p for p, _ in flat_e]
+  for (_, x), (_, y) in zip(flat_q, flat_e):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Linear kernels are quantized, the head and embeddings are not.
+  layers = qparams["model"]["layers"]
+  q_proj = (layers if scan_layers else layers["0"])["self_attn"]["q_proj"]
+  assert quant.is_quantized(q_proj["kernel"])
+  assert not quant.is_quantized(qparams["lm_head"]["kernel"])
+  # QLoRA forward: adapters on the quantized base run through jlora.wrap and
+  # equal the model on the dequantized base (b = 0 at init).
+  lp = jlora.apply(qparams, rank=4, key=jax.random.key(0))
+  out = jax.jit(jlora.wrap(model.apply))({"params": lp}, jnp.asarray(IDS))
+  ref = logits(model, quant.dequantize(qparams, jnp.float32))
+  assert np.abs(np.asarray(out, np.float32) - ref).max() < 5e-2 * np.abs(
+    ref).max()

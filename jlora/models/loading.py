@@ -65,6 +65,7 @@ def from_pretrained(
   attention: str = "xla",
   mesh: Mesh | None = None,
   shardings: ShardingSpec = None,
+  quantize: str | Callable[[str, Any], Any] | None = None,
 ) -> tuple[LlamaForCausalLM, Params]:
   """Loads a Llama/Mistral/Qwen2/Qwen3 causal LM from a HF checkpoint or hub id.
 
@@ -82,6 +83,9 @@ def from_pretrained(
     shardings: overrides the rule: a callable `(path, shape) -> Sharding` with
       '/'-joined Flax paths, or a params-shaped dict (nested or flat with '/'
       keys) of `Sharding`s.
+    quantize: "nf4", "fp4" or "int8" quantizes every linear kernel tensor by
+      tensor as it is placed (QLoRA; see `jlora.quantize`), so device memory
+      stays near the quantized size; or a callable `(path, array) -> leaf`.
 
   Returns:
     `(model, params)`; `model.apply({"params": params}, input_ids)` gives
@@ -131,6 +135,7 @@ def from_pretrained(
       where=lambda k: handles[k][1],
       mesh=mesh,
       shardings=shardings,
+      quantize=quantize,
     )
   return model, params
 
@@ -170,6 +175,7 @@ def from_config(
   attention: str = "xla",
   mesh: Mesh | None = None,
   shardings: ShardingSpec = None,
+  quantize: str | Callable[[str, Any], Any] | None = None,
 ) -> tuple[LlamaForCausalLM, Params]:
   """A random model: kernels ~ N(0, initializer_range^2), norms 1, biases 0.
 
@@ -335,6 +341,7 @@ def _assemble(
   where: Callable[[str], str],
   mesh: Mesh | None,
   shardings: ShardingSpec,
+  quantize: str | Callable[[str, Any], Any] | None = None,
 ) -> Params:
   """Checks all tensors against `model`'s shapes, then reads and places them."""
   dummy = jnp.zeros((1, 1), jnp.int32)
@@ -377,13 +384,19 @@ def _assemble(
         )
 
   rule = _sharding_rule(mesh, shardings)
+  hook = quantize
+  if isinstance(quantize, str):
+    from jlora.quant import quantizer
+
+    hook = quantizer(quantize)
   params = {}
   for path, struct in expected.items():
     x = _read_leaf(path, plan[path], struct, read, model)
     sharding = rule(path, struct.shape)
-    params[path] = (
+    leaf = (
       jax.device_put(x) if sharding is None else jax.device_put(x, sharding)
     )
+    params[path] = leaf if hook is None else hook(path, leaf)
   return traverse_util.unflatten_dict(params, sep="/")
 
 

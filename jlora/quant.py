@@ -1,0 +1,277 @@
+"""QLoRA in pure JAX: 4-bit NF4/FP4 (or 8-bit) frozen bases under LoRA.
+
+`quantize` replaces kernels of a params tree by `QuantizedArray` nodes;
+`jlora.apply` puts adapters on them, `jlora.wrap` trains the adapters with
+each product dequantizing its kernel at the point of use (inside a scan, one
+layer's slice at a time), and `jlora.merge` gives fused params in the compute
+dtype. `merge_and_quantize` fuses and re-quantizes; `quantizer` quantizes
+while loading; `host_offloaded` keeps optimizer state in host memory.
+
+Example:
+  >>> qparams = jlora.quantize(params, "nf4")          # double quant, bf16
+  >>> lp = jlora.apply(qparams, rank=16, key=jax.random.key(0))
+  >>> trainable, frozen = jlora.partition(lp)
+  >>> logits = jlora.wrap(model.apply)({"params": lp}, ids)
+
+References:
+  Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", 2023.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jlora import _paths
+from jlora._quant_array import (BLOCK_SIZE2, DYNAMIC_VALUES, FP4_VALUES,
+                                METHODS, NF4_VALUES, QuantizedArray,
+                                is_quantized, quantize_array)
+from jlora.node import default_layout, is_lora
+from jlora.targets import (ALL_LINEAR, NON_KERNEL_NAMES, Selector, is_matrix,
+                           matcher, pattern_value, select)
+
+__all__ = [
+    "BLOCK_SIZE2", "DYNAMIC_VALUES", "FP4_VALUES", "METHODS", "NF4_VALUES",
+    "QuantizedArray", "dequantize", "host_offloaded", "is_quantized",
+    "merge_and_quantize", "quantize", "quantize_array", "quantize_leaf",
+    "quantizer",
+]
+
+
+def _stacked_axes(path: str, leaf: Any, layout: dict[str, str] | None) -> int:
+  """Leading 'b' axes of the leaf's layout (default: all but the last two)."""
+  roles = pattern_value(path, layout, None) or default_layout(len(leaf.shape))
+  if len(roles) != len(leaf.shape):
+    raise ValueError(
+        f"layout '{roles}' for '{path}' has {len(roles)} letters but the"
+        f" kernel has shape {tuple(leaf.shape)}; give one letter per axis")
+  return len(roles) - len(roles.lstrip("b"))
+
+
+def quantize(params: Any, method: str = "nf4", *, block_size: int = 64,
+             double_quant: bool = True, targets: Selector = None,
+             exclude: Selector = None, compute_dtype: Any = jnp.bfloat16,
+             layout: dict[str, str] | None = None) -> Any:
+  """Returns `params` with each targeted kernel as a `QuantizedArray`.
+
+  Each kernel slice (one index of its leading stacked axes, e.g. one layer
+  of a scanned (L, in, out) kernel) is flattened row-major and cut into
+  blocks of ``block_size``; every block stores ``absmax = max|w|`` and, per
+  value, the code of the nearest table entry to ``w / absmax``:
+
+  - ``"nf4"``: QLoRA's 4-bit NormalFloat, 16 quantiles of N(0, 1) in [-1, 1]
+    (`NF4_VALUES`, the paper's and bitsandbytes' values). On Gaussian
+    weights with blocks of 64 the relative RMS error
+    ``||dequantize(q) - w|| / ||w||`` is 9.20% (9.21% with double
+    quantization), against 12.2% for ``"fp4"`` and 0.59% (0.63%) for
+    ``"int8"`` (measured on 4096 x 4096 N(0, 0.02^2) weights).
+  - ``"fp4"``: bitsandbytes' 4-bit float (sign, 2 exponent bits, 1 mantissa
+    bit; `FP4_VALUES`).
+  - ``"int8"``: linear ``round(127 * w / absmax)``, one int8 per value.
+
+  4-bit codes are packed two per byte. With ``double_quant`` the float32
+  block scales are quantized again (QLoRA's double quantization, as
+  bitsandbytes does it): minus their mean (``offset``), in blocks of 256, to
+  8-bit codes of bitsandbytes' signed dynamic map with a float32 scale per
+  block, cutting the scales' cost from 0.5 to about 0.127 bits per
+  parameter. NF4 with double quantization stores about 4.13 bits per
+  parameter.
+
+  Args:
+    params: a params pytree (arrays may be sharded: the stored arrays take
+      the kernel's sharding on every axis the mesh divides).
+    method: ``"nf4"``, ``"fp4"`` or ``"int8"``.
+    block_size: values per absmax block (even; 64 as in QLoRA).
+    double_quant: quantize the block scales too.
+    targets, exclude: as in `jlora.apply`; default ``"all-linear"`` (every
+      ``kernel`` with ndim >= 2 except an output head).
+    compute_dtype: the dtype the kernel dequantizes to and reports as its
+      ``dtype``.
+    layout: ``{regex: roles}`` as in `jlora.apply`; blocks never cross the
+      leading stacked ('b') axes, so a scan can slice the stored arrays.
+      Default: every axis but the last two is stacked.
+
+  Returns:
+    The same tree with targeted kernels replaced; already quantized kernels
+    are left as they are. Give `jlora.apply` the same targets: under
+    `jlora.wrap` a quantized kernel is used (dequantized per product)
+    through its adapter, and `apply` refuses a quantized kernel it does not
+    adapt. `dequantize` gives a plain tree for running without adapters.
+
+  Example:
+    >>> qparams = jlora.quantize(params, "nf4", targets="proj")
+    >>> jlora.dequantize(qparams)["dense"]["kernel"].dtype
+    dtype(bfloat16)
+  """
+  leaves = _paths.leaves_with_path(params)
+  adapted = [p for p, x in leaves if is_lora(x)]
+  if adapted:
+    raise ValueError(
+        f"params already hold LoRA adapters at {adapted[:5]}; quantize the"
+        " base before jlora.apply, or use jlora.quant.merge_and_quantize to"
+        " fuse and re-quantize")
+  chosen = set(select(leaves, targets, exclude))
+
+  def replace(path, leaf):
+    if path not in chosen or is_quantized(leaf) or not jnp.issubdtype(
+        leaf.dtype, jnp.floating):
+      return leaf
+    return quantize_array(leaf, method, block_size=block_size,
+                          double_quant=double_quant, dtype=compute_dtype,
+                          stacked=_stacked_axes(path, leaf, layout))
+
+  return _paths.map_with_path(replace, params)
+
+
+def dequantize(tree: Any, dtype: Any = None) -> Any:
+  """Every `QuantizedArray` (also the base of a `LoRA` node) as an array.
+
+  Example:
+    >>> params = jlora.dequantize(qparams)        # bf16 kernels
+  """
+  def dense(x):
+    if is_quantized(x):
+      return x.dequantize(dtype)
+    if is_lora(x) and is_quantized(x.w):
+      return dataclasses.replace(x, w=x.w.dequantize(dtype))
+    return x
+  return jax.tree.map(dense, tree, is_leaf=_paths.is_leaf)
+
+
+def quantize_leaf(name: str, array: Any, method: str = "nf4", *,
+                  block_size: int = 64, double_quant: bool = True,
+                  targets: Selector = None, exclude: Selector = None,
+                  compute_dtype: Any = jnp.bfloat16,
+                  layout: dict[str, str] | None = None) -> Any:
+  """One named leaf, quantized if `targets` selects it, else unchanged.
+
+  ``name`` is the '/'-joined Flax path; selection is `quantize`'s, applied to
+  this leaf alone (a target that matches nothing here is not an error).
+
+  Example:
+    >>> quantize_leaf("model/layers/mlp/up_proj/kernel", w).method
+    'nf4'
+  """
+  if (not is_matrix(array) or is_quantized(array)
+      or name.rsplit("/", 1)[-1] in NON_KERNEL_NAMES
+      or not jnp.issubdtype(array.dtype, jnp.floating)):
+    return array
+  sels = _selectors(targets) or [ALL_LINEAR]
+  if not any(matcher(s)(name, array) for s in sels):
+    return array
+  if any(matcher(s)(name, array) for s in _selectors(exclude)):
+    return array
+  return quantize_array(array, method, block_size=block_size,
+                        double_quant=double_quant, dtype=compute_dtype,
+                        stacked=_stacked_axes(name, array, layout))
+
+
+def _selectors(sel: Selector) -> list[Any]:
+  if sel is None:
+    return []
+  if isinstance(sel, (str, re.Pattern)) or callable(sel):
+    return [sel]
+  return list(sel)
+
+
+def quantizer(method: str = "nf4", **options) -> Callable[[str, Any], Any]:
+  """A per-tensor hook ``(name, array) -> array | QuantizedArray`` for loaders.
+
+  Takes `quantize_leaf`'s keyword options. A loader that calls it on each
+  parameter as soon as it is placed on device holds one dense parameter at a
+  time, never the whole dense model.
+
+  Example:
+    >>> hook = jlora.quant.quantizer("nf4")
+    >>> params = {p: hook(p, read(p)) for p in names}
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown quantization method {method!r}; use one of"
+                     f" {METHODS}")
+  return functools.partial(_hook, method=method, options=options)
+
+
+def _hook(name, array, *, method, options):
+  return quantize_leaf(name, array, method, **options)
+
+
+def merge_and_quantize(tree: Any, method: str | None = None, *,
+                       block_size: int | None = None,
+                       double_quant: bool | None = None,
+                       compute_dtype: Any = None) -> Any:
+  """Fuses every `LoRA` node and quantizes the result again.
+
+  A node on a quantized base is re-quantized with its base's settings
+  (method, block size, double quantization, compute dtype, stacked axes)
+  unless overridden; a node on a dense base is quantized only when `method`
+  is given (its stacked axes from its layout). The fused kernel is
+  ``w + scale * a @ b`` in the compute dtype, so the result carries the
+  quantization error of the merged kernel, not of the old base.
+
+  Example:
+    >>> deployed = jlora.quant.merge_and_quantize(lp)    # NF4 again
+  """
+  def fuse(node):
+    if not is_lora(node):
+      return node
+    fused = node.materialize()
+    w = node.w
+    if is_quantized(w):
+      return quantize_array(
+          fused, method or w.method,
+          block_size=block_size or w.block_size,
+          double_quant=w.double_quant if double_quant is None else
+          double_quant, dtype=compute_dtype or w.dtype, stacked=w.stacked)
+    if method is None:
+      return fused
+    stacked = len(node.layout) - len(node.layout.lstrip("b"))
+    return quantize_array(
+        fused, method, block_size=block_size or 64,
+        double_quant=True if double_quant is None else double_quant,
+        dtype=compute_dtype or fused.dtype, stacked=stacked)
+
+  return jax.tree.map(fuse, tree, is_leaf=_paths.is_leaf)
+
+
+def _to_memory(tree: Any, space) -> Any:
+  # Scalars (step counts) stay where they are: moving one would pin it to a
+  # single device, and they cost nothing.
+  return jax.tree.map(
+      lambda x: jax.device_put(x, space)
+      if isinstance(x, jax.Array) and x.ndim else x, tree)
+
+
+def host_offloaded(tx: optax.GradientTransformation
+                   ) -> optax.GradientTransformation:
+  """`tx` with its state kept in host memory (JAX memory kind pinned_host).
+
+  ``init`` returns the state in host memory; ``update`` brings it to the
+  device, runs ``tx.update`` and sends the new state back, so inside a
+  jitted step the optimizer state occupies device memory only during the
+  update, after the backward pass has freed its activations. Adam's two
+  moments of the adapters then never add to the forward/backward peak.
+  Each array keeps its sharding; scalars (step counts) stay on the device.
+  Needs a backend with host memory spaces (GPU and TPU; CPU as well in
+  recent JAX).
+
+  Example:
+    >>> tx = jlora.quant.host_offloaded(optax.adamw(1e-4))
+    >>> opt_state = tx.init(trainable)    # lives in pinned host memory
+  """
+  Space = jax.memory.Space
+
+  def init(params):
+    return _to_memory(tx.init(params), Space.Host)
+
+  def update(updates, state, params=None, **extra):
+    state = _to_memory(state, Space.Device)
+    updates, state = tx.update(updates, state, params, **extra)
+    return updates, _to_memory(state, Space.Host)
+
+  return optax.GradientTransformation(init, update)
