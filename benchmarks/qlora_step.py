@@ -62,22 +62,11 @@ _LOAD = {}
 def run_jlora(system: str, s: dict, rank: int, alpha: float, steps: int,
               warmup: int) -> Result:
   """`train_step.run_jax("jlora", ...)`, remat on, NF4 base for jlora_nf4."""
-  import flax.linen as nn
   import jax
 
   import jlora
-  from jlora import quant
 
-  if system == "jlora_nf4":
-    init = nn.Module.init
-
-    def quantized_init(self, *args, **kwargs):
-      variables = init(self, *args, **kwargs)
-      params = quant.quantize(variables["params"], "nf4", double_quant=True,
-                              targets="|".join(TARGETS))
-      return {**variables, "params": params}
-
-    nn.Module.init = quantized_init
+  init_params = _quantized_init if system == "jlora_nf4" else None
 
   apply = jlora.apply
 
@@ -91,10 +80,49 @@ def run_jlora(system: str, s: dict, rank: int, alpha: float, steps: int,
     return apply(params, *args, **kwargs)
 
   jlora.apply = measured_apply
-  result = run_jax("jlora", s, rank, alpha, steps, warmup, remat=True)
+  result = run_jax("jlora", s, rank, alpha, steps, warmup, remat=True,
+                   init_params=init_params)
   result.system = system
   result.note = ("nf4+dq, remat" if system == "jlora_nf4" else "bf16, remat")
   return result
+
+
+def _quantized_init(model, key, inputs):
+  """Random params made leaf by leaf, stacked kernels layer by layer, each
+  quantized (NF4, double quantization) as soon as it exists: the process
+  never holds more than one dense layer of one kernel, as when quantizing
+  while loading a checkpoint."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  from flax import traverse_util
+
+  from jlora import quant
+
+  shapes = traverse_util.flatten_dict(
+      jax.eval_shape(model.init, key, inputs)["params"], sep="/")
+  @functools.partial(jax.jit, static_argnums=(1, 2, 3))
+  def make(k, shape, dtype, quantized):
+    x = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+    if quantized:
+      return quant.quantize_array(x, "nf4", double_quant=True, stacked=1)
+    return x
+
+  params = {}
+  for i, (path, sds) in enumerate(shapes.items()):
+    k = jax.random.fold_in(key, i)
+    name = path.rsplit("/", 1)[0]
+    if "norm" in name:
+      params[path] = jnp.ones(sds.shape, sds.dtype)
+    elif any(f"{t}/kernel" in path for t in TARGETS):
+      layers = [make(jax.random.fold_in(k, l), (1, *sds.shape[1:]), sds.dtype,
+                     True) for l in range(sds.shape[0])]
+      params[path] = jax.tree.map(lambda *xs: jnp.concatenate(xs, 0), *layers)
+      del layers
+    else:
+      params[path] = make(k, sds.shape, sds.dtype, False)
+  return traverse_util.unflatten_dict(params, sep="/")
 
 
 def _tree_gib(tree) -> float:

@@ -26,7 +26,7 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
+
 import statistics
 import subprocess
 import sys
@@ -76,7 +76,10 @@ def floor_flops(s: dict) -> float:
 # -- JAX systems ---------------------------------------------------------------
 
 def run_jax(system: str, s: dict, rank: int, alpha: float, steps: int,
-            warmup: int, remat: bool) -> Result:
+            warmup: int, remat: bool, init_params=None) -> Result:
+  """One JAX system's measured steps; `init_params(model, key, inputs)`
+  replaces the default jitted `model.init` (e.g. to quantize while
+  initialising)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -163,7 +166,10 @@ def run_jax(system: str, s: dict, rank: int, alpha: float, steps: int,
   key = jax.random.key(0)
   ids = jax.random.randint(key, (s["batch"], s["seq"] + 1), 0, s["vocab"])
   inputs, labels = ids[:, :-1], ids[:, 1:]
-  params = jax.jit(model.init)(key, inputs)["params"]
+  if init_params is None:
+    params = jax.jit(model.init)(key, inputs)["params"]
+  else:
+    params = init_params(model, key, inputs)
 
   if system == "jlora":
     lp = jlora.apply(params, rank=rank, alpha=alpha, key=key,
