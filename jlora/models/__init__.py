@@ -10,7 +10,15 @@ Example:
 
 from jlora.models.config import ModelConfig, RopeConfig
 from jlora.models.generate import generate, sample_logits
-from jlora.models.llama import KVCache, LlamaForCausalLM, init_cache
+from jlora.models.llama import (
+  CHECKPOINT_NAMES,
+  REMAT_POLICIES,
+  KVCache,
+  LlamaForCausalLM,
+  init_cache,
+  remat_policy,
+)
+from jlora.models.losses import chunked_cross_entropy
 from jlora.models.loading import (
   CheckpointMismatchError,
   from_config,
@@ -20,6 +28,10 @@ from jlora.models.loading import (
 )
 
 __all__ = [
+  "CHECKPOINT_NAMES",
+  "REMAT_POLICIES",
+  "chunked_cross_entropy",
+  "remat_policy",
   "CheckpointMismatchError",
   "KVCache",
   "LlamaForCausalLM",

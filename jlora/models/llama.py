@@ -18,12 +18,29 @@ With `scan_layers=True` the `<i>` level disappears and every leaf under
 Every projection is a plain `nn.Dense`: kernels are used only by matmuls (after
 a dtype cast when `dtype != param_dtype`), which is what `jlora.wrap` needs to
 factor LoRA products.
+
+Training speed and memory (`remat`, `return_hidden` with
+`jlora.models.losses.chunked_cross_entropy`); LoRA r=16 on all seven
+projections, bf16, scan_layers, cuDNN attention, one H100 (see
+benchmarks/RESULTS.md):
+
+  shape, batch         remat                     step (s)  peak GiB
+  1.1B, 8 x 1024       "none"                    0.127     23.5
+                       "matmuls"                 0.110      9.6
+                       "full"                    0.126      3.7
+  8B, 2 x 2048         "matmuls"                 0.292     28.1
+                       ("k_proj", "v_proj", "attention",
+                        "gate_proj", "up_proj")  0.304     26.0
+                       "attention+gate"          0.314     24.7
+                       "full"                    0.357     17.8
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -31,10 +48,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from jlora.models.config import ModelConfig, RopeConfig
 
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "attention", "attention+gate", "matmuls")
+# Values tagged with `jax.ad_checkpoint.checkpoint_name` in every decoder layer,
+# for `remat` given as names and for `offload`: each projection's output
+# (bias included, LoRA update included under `jlora.wrap`), and the attention
+# output before o_proj ("attention"). With a fused attention kernel (cuDNN)
+# "attention" instead selects the kernel's own residuals, its output and
+# softmax statistics, so that the output is not stored twice.
+CHECKPOINT_NAMES = (
+  "q_proj",
+  "k_proj",
+  "v_proj",
+  "attention",
+  "o_proj",
+  "gate_proj",
+  "up_proj",
+  "down_proj",
+)
+_ATTENTION_SAVES = ("q_proj", "k_proj", "v_proj", "attention", "o_proj")
+# What each named preset saves; everything else in the layer is recomputed in
+# the backward pass. A layer's backward needs its projections' inputs (for the
+# LoRA factors' gradients) and the attention and SwiGLU inputs, never a frozen
+# projection's output as such, so saving these avoids recomputing matmuls:
+#   "attention": q/k/v/o and attention; the MLP's gate and up are recomputed.
+#   "attention+gate": also gate_proj; up_proj is recomputed.
+#   "matmuls": also up_proj; only elementwise work (norms, rope, SiLU) is
+#     recomputed. down_proj's output is never needed by the backward pass.
+_PRESET_SAVES = {
+  "full": (),
+  "attention": _ATTENTION_SAVES,
+  "attention+gate": _ATTENTION_SAVES + ("gate_proj",),
+  "matmuls": _ATTENTION_SAVES + ("gate_proj", "up_proj"),
+}
+# The forward primitives of cuDNN fused attention: their outputs (the attention
+# output and its softmax statistics) are the backward kernel's residuals.
+_ATTENTION_FWD_PRIMITIVES = frozenset(
+  {"dot_product_attention_fwd_wrapper", "dot_product_attention_fwd"}
+)
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 # "No window" in the per-layer window array: larger than any slot distance.
 _NO_WINDOW = np.iinfo(np.int32).max
@@ -179,6 +233,14 @@ def _dense(
   )
 
 
+def _named_dense(
+  config: ModelConfig, dtype, param_dtype, features: int, use_bias: bool, name
+):
+  """`_dense` whose output is tagged `checkpoint_name(y, name)` for remat."""
+  layer = _dense(config, dtype, param_dtype, features, use_bias, name)
+  return lambda x: checkpoint_name(layer(x), name)
+
+
 def _attention_weights_xla(q, k, v, mask):
   """float32 softmax attention.
 
@@ -199,9 +261,22 @@ def _attention_weights_xla(q, k, v, mask):
   return out.reshape(b, t, n, d)
 
 
-def _attention(q, k, v, mask, impl: str):
+def _attention(q, k, v, mask, impl: str, window: int | None = None):
+  """mask (B, T, S) bool, or None for plain causal attention over T == S slots
+  (no padding, no cache) with an optional static sliding `window`."""
   if impl == "xla":
-    return _attention_weights_xla(q, k, v, mask)
+    if mask is None:
+      t, s = q.shape[1], k.shape[1]
+      dist = jnp.arange(t)[:, None] - jnp.arange(s)[None, :]
+      mask = dist >= 0
+      if window is not None:
+        mask = mask & (dist < window)
+      mask = mask[None]
+    return checkpoint_name(_attention_weights_xla(q, k, v, mask), "attention")
+  # No name on the fused kernel's output: a remat policy that keeps
+  # "attention" keeps the kernel's residuals (`_SaveNames`), and a name here
+  # would make the output a second, separate residual (measured: 1 GiB more
+  # at the 8B shape).
   if impl == "cudnn":
     if jax.default_backend() != "gpu":
       raise RuntimeError(
@@ -213,8 +288,20 @@ def _attention(q, k, v, mask, impl: str):
         f"attention='cudnn' computes in bfloat16/float16, got dtype {q.dtype}; "
         "build the model with dtype=jnp.bfloat16 or use attention='xla'"
       )
+  implementation = None if impl == "auto" else impl
+  if mask is None:
+    # The causal structure given as a flag, not as a (T, S) mask: cuDNN's
+    # flash kernel then skips the masked blocks instead of reading a mask.
+    return jax.nn.dot_product_attention(
+      q,
+      k,
+      v,
+      is_causal=True,
+      local_window_size=None if window is None else (window - 1, 0),
+      implementation=implementation,
+    )
   return jax.nn.dot_product_attention(
-    q, k, v, mask=mask[:, None], implementation=None if impl == "auto" else impl
+    q, k, v, mask=mask[:, None], implementation=implementation
   )
 
 
@@ -227,10 +314,10 @@ class Attention(nn.Module):
   attention: str = "xla"
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache, layer_idx):
+  def __call__(self, x, cos, sin, mask, cache, layer_idx, window=None):
     c = self.config
     b, t, _ = x.shape
-    dense = functools.partial(_dense, c, self.dtype, self.param_dtype)
+    dense = functools.partial(_named_dense, c, self.dtype, self.param_dtype)
     q = dense(c.num_heads * c.head_dim, c.qkv_bias, "q_proj")(x)
     k = dense(c.num_kv_heads * c.head_dim, c.qkv_bias, "k_proj")(x)
     v = dense(c.num_kv_heads * c.head_dim, c.qkv_bias, "v_proj")(x)
@@ -259,7 +346,7 @@ class Attention(nn.Module):
       v = lax.dynamic_index_in_dim(v_all, layer_idx, 0, keepdims=False)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
       cache = (k_all, v_all, index)
-    out = _attention(q, k, v, mask, self.attention)
+    out = _attention(q, k, v, mask, self.attention, window)
     out = out.reshape(b, t, c.num_heads * c.head_dim)
     return dense(c.hidden_size, c.o_bias, "o_proj")(out), cache
 
@@ -274,7 +361,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    dense = functools.partial(_dense, c, self.dtype, self.param_dtype)
+    dense = functools.partial(_named_dense, c, self.dtype, self.param_dtype)
     gate = dense(c.intermediate_size, c.mlp_bias, "gate_proj")(x)
     up = dense(c.intermediate_size, c.mlp_bias, "up_proj")(x)
     return dense(c.hidden_size, c.mlp_bias, "down_proj")(jax.nn.silu(gate) * up)
@@ -285,6 +372,8 @@ class DecoderLayer(nn.Module):
 
   carry = (hidden (B,T,H), KVCache or None); xs = (window, layer_idx) int32
   scalars; q_slots (T,) and kv_valid (B,S) are shared by all layers.
+  kv_valid None means plain causal attention (no padding, no cache) with every
+  layer's window equal to the config's first (static), so no mask is built.
   """
 
   config: ModelConfig
@@ -297,17 +386,29 @@ class DecoderLayer(nn.Module):
     c = self.config
     h, cache = carry
     window, layer_idx = xs
-    kv_slots = jnp.arange(kv_valid.shape[1])
-    # (T, S); transformers masks by slot (cache position), not rope position.
-    dist = q_slots[:, None] - kv_slots[None, :]
-    mask = (dist >= 0) & (dist < window)
-    mask = mask[None] & kv_valid[:, None, :]
+    static_window = None
+    if kv_valid is None:
+      mask, static_window = None, c.sliding_windows[0]
+    else:
+      kv_slots = jnp.arange(kv_valid.shape[1])
+      # (T, S); transformers masks by slot (cache position), not rope position.
+      dist = q_slots[:, None] - kv_slots[None, :]
+      mask = (dist >= 0) & (dist < window)
+      mask = mask[None] & kv_valid[:, None, :]
     norm = functools.partial(
       RMSNorm, c.rms_norm_eps, self.dtype, self.param_dtype
     )
     attn_out, cache = Attention(
       c, self.dtype, self.param_dtype, self.attention, name="self_attn"
-    )(norm(name="input_layernorm")(h), cos, sin, mask, cache, layer_idx)
+    )(
+      norm(name="input_layernorm")(h),
+      cos,
+      sin,
+      mask,
+      cache,
+      layer_idx,
+      static_window,
+    )
     h = h + attn_out
     h = h + MLP(c, self.dtype, self.param_dtype, name="mlp")(
       norm(name="post_attention_layernorm")(h)
@@ -331,12 +432,85 @@ class _LayerStack(nn.Module):
     return carry, None
 
 
-def _remat_policy(remat: str):
-  if remat == "dots":
-    # Save projection outputs (matmuls without batch dims); recompute attention
-    # and elementwise.
+@dataclasses.dataclass(frozen=True)
+class _SaveNames:
+  """Remat policy: save (or offload to host) the values tagged with these
+  names, and cuDNN attention's residuals when "attention" is among them.
+
+  `jax.checkpoint_policies.save_and_offload_only_these_names` plus one rule:
+  the cuDNN backward kernel needs the attention output and the softmax
+  statistics, both outputs of the forward primitive; the fused path tags no
+  name, and keeping that primitive's outputs keeps the backward pass from
+  running the attention forward again without storing the output twice.
+  """
+
+  save: frozenset
+  offload: frozenset = frozenset()
+
+  def _decide(self, name: str):
+    if name in self.save:
+      return True
+    if name in self.offload:
+      return jax.ad_checkpoint.Offloadable(src="device", dst="pinned_host")
+    return False
+
+  def __call__(self, prim, *_, **params):
+    if prim.name == "name":
+      return self._decide(params["name"])
+    if prim.name in _ATTENTION_FWD_PRIMITIVES:
+      return self._decide("attention")
+    return False
+
+
+def remat_policy(remat: str | Sequence[str], offload: Sequence[str] = ()):
+  """The `jax.checkpoint` policy of a `remat` setting (None: save nothing).
+
+  Args:
+    remat: a preset of `REMAT_POLICIES` (other than "none"), or names from
+      `CHECKPOINT_NAMES` to save.
+    offload: names from `CHECKPOINT_NAMES` to keep in pinned host memory
+      instead of recomputing them.
+  """
+  if remat == "dots" and not offload:
+    # Save projection outputs (matmuls without batch dims, the LoRA factors'
+    # products separately); recompute attention and elementwise.
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  return None
+  saves = _PRESET_SAVES[remat] if isinstance(remat, str) else tuple(remat)
+  if not saves and not offload:
+    return None
+  return _SaveNames(frozenset(saves), frozenset(offload))
+
+
+def _check_remat(remat, offload) -> None:
+  if isinstance(remat, str):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(
+        f"remat={remat!r}; choose one of {REMAT_POLICIES} or a tuple of "
+        f"names from {CHECKPOINT_NAMES}"
+      )
+    names = ()
+  else:
+    names = tuple(remat)
+  unknown = [n for n in (*names, *offload) if n not in CHECKPOINT_NAMES]
+  if unknown:
+    raise ValueError(
+      f"unknown checkpoint names {unknown} in remat={remat!r} / "
+      f"offload={offload!r}; the names are {CHECKPOINT_NAMES}"
+    )
+  if offload:
+    if remat in ("none", "dots"):
+      raise ValueError(
+        f"offload={tuple(offload)!r} needs a named remat policy, not "
+        f"remat={remat!r}; use e.g. remat='attention' (or 'full', or a tuple "
+        "of names) with it"
+      )
+    saved = _PRESET_SAVES[remat] if isinstance(remat, str) else names
+    both = sorted(set(saved) & set(offload))
+    if both:
+      raise ValueError(
+        f"{both} are both saved (remat={remat!r}) and offloaded; name each "
+        "value in one of the two"
+      )
 
 
 class LlamaModel(nn.Module):
@@ -346,8 +520,9 @@ class LlamaModel(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   scan_layers: bool = False
-  remat: str = "none"
+  remat: str | tuple[str, ...] = "none"
   attention: str = "xla"
+  offload: tuple[str, ...] = ()
 
   def setup(self):
     c = self.config
@@ -358,7 +533,7 @@ class LlamaModel(nn.Module):
       param_dtype=self.param_dtype,
       embedding_init=nn.initializers.normal(c.initializer_range),
     )
-    layer_cls = _layer_cls(self.remat, self.scan_layers)
+    layer_cls = _layer_cls(self.remat, self.offload, self.scan_layers)
     if self.scan_layers:
       self.layers = nn.scan(
         layer_cls,
@@ -385,7 +560,11 @@ class LlamaModel(nn.Module):
     else:
       index = cache.index
       num_slots = cache.k.shape[2]
-    if attention_mask is None:
+    if attention_mask is None and cache is None and _one_window(c):
+      # Causal attention over this call's tokens alone: no mask to build, and
+      # cuDNN gets is_causal=True.
+      kv_valid = None
+    elif attention_mask is None:
       kv_valid = jnp.ones((b, num_slots), bool)
     else:
       if attention_mask.shape != (b, num_slots):
@@ -422,13 +601,22 @@ class LlamaModel(nn.Module):
     return self.embed_tokens.attend(h)
 
 
-def _layer_cls(remat: str, scan_layers: bool):
+def _one_window(config: ModelConfig) -> bool:
+  """Every layer has the same sliding window (or none): static attention."""
+  return len(set(config.sliding_windows)) == 1
+
+
+def _layer_cls(remat, offload, scan_layers: bool):
   if remat == "none":
     return DecoderLayer
+  if not isinstance(remat, str):
+    remat = tuple(remat)
   # Inside nn.scan the loop already keeps XLA from merging the recomputation
   # away, so prevent_cse is needed only for unrolled layers.
   return nn.remat(
-    DecoderLayer, policy=_remat_policy(remat), prevent_cse=not scan_layers
+    DecoderLayer,
+    policy=remat_policy(remat, tuple(offload)),
+    prevent_cse=not scan_layers,
   )
 
 
@@ -442,11 +630,29 @@ class LlamaForCausalLM(nn.Module):
     param_dtype: dtype of the parameters created by `init`.
     scan_layers: one `nn.scan` over layers (parameters stacked with a leading
       layer axis); faster compiles for deep models.
-    remat: per-layer rematerialisation: "none", "full" (recompute everything) or
-      "dots" (save projection outputs, recompute the rest).
+    remat: per-layer rematerialisation (what the backward pass keeps from the
+      forward pass, the rest it recomputes):
+      "none": keep everything (most memory; under scan_layers slower than
+        "matmuls", which stores fewer, larger residuals);
+      "full": keep only each layer's input (least memory, one more forward);
+      "dots": keep every matmul output (LoRA factor products separately);
+      "attention": keep q/k/v/o projection and attention outputs, recompute
+        the MLP's gate and up matmuls;
+      "attention+gate": also keep gate_proj, recompute up_proj;
+      "matmuls": keep every projection output that the backward pass needs
+        (all but down_proj) and the attention output: no matmul is recomputed,
+        only norms, rope and SiLU;
+      or a tuple of names from `CHECKPOINT_NAMES` to keep.
+      See `benchmarks/RESULTS.md` for their memory and speed at 1B and 8B.
     attention: "xla" (explicit float32 softmax; any backend), "cudnn" (fused
       cuDNN kernel; GPU, bf16/fp16 only) or "auto"
-      (`jax.nn.dot_product_attention`'s own choice).
+      (`jax.nn.dot_product_attention`'s own choice). Without padding mask or
+      cache (training on packed or full-length batches), cuDNN and "auto" get
+      `is_causal=True` instead of an explicit mask.
+    offload: names from `CHECKPOINT_NAMES` to keep in pinned host memory
+      instead of recomputing them (needs a named `remat`, not "none"/"dots";
+      pays only where host transfers hide behind compute, which they did not
+      at the 8B shape on an H100: 41% slower than keeping them on the GPU).
 
   Call arguments (`model.apply({"params": p}, input_ids, ...)`):
     input_ids: (B, T) int tokens.
@@ -456,27 +662,32 @@ class LlamaForCausalLM(nn.Module):
       slots (cache positions), as in transformers.
     cache: a `KVCache` from `init_cache`; this call's keys/values are written
       at `cache.index` (the caller keeps index + T <= max_length).
+    return_hidden: return the final hidden states (B, T, hidden) in `dtype`
+      (after the final norm) instead of logits, for a loss that applies the
+      head itself, such as `jlora.models.losses.chunked_cross_entropy`.
 
   Returns:
-    float32 logits (B, T, vocab), or `(logits, new_cache)` given a cache.
+    float32 logits (B, T, vocab), or `(logits, new_cache)` given a cache
+    (hidden states in place of logits with `return_hidden=True`).
 
   Example:
     >>> model = LlamaForCausalLM(ModelConfig.from_hf(hf_config))
     >>> x = jnp.zeros((1, 8), jnp.int32)
     >>> params = model.init(jax.random.key(0), x)["params"]
     >>> logits = model.apply({"params": params}, tokens)
+    >>> h = model.apply({"params": params}, tokens, return_hidden=True)
   """
 
   config: ModelConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   scan_layers: bool = False
-  remat: str = "none"
+  remat: str | tuple[str, ...] = "none"
   attention: str = "xla"
+  offload: tuple[str, ...] = ()
 
   def setup(self):
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+    _check_remat(self.remat, self.offload)
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(
         f"attention={self.attention!r}; choose one of {ATTENTION_IMPLS}"
@@ -489,6 +700,7 @@ class LlamaForCausalLM(nn.Module):
       self.scan_layers,
       self.remat,
       self.attention,
+      tuple(self.offload),
     )
     if not c.tie_word_embeddings:
       self.lm_head = _dense(
@@ -496,12 +708,26 @@ class LlamaForCausalLM(nn.Module):
       )
 
   def __call__(
-    self, input_ids, positions=None, attention_mask=None, cache=None
+    self,
+    input_ids,
+    positions=None,
+    attention_mask=None,
+    cache=None,
+    return_hidden: bool = False,
   ):
     h, new_cache = self.model(input_ids, positions, attention_mask, cache)
+    if return_hidden:
+      if self.is_initializing():
+        self.logits(h)  # create the head's parameters all the same
+      out = h
+    else:
+      out = self.logits(h)
+    return out if cache is None else (out, new_cache)
+
+  def logits(self, h):
+    """float32 logits (..., vocab) of final hidden states (..., hidden)."""
     if self.config.tie_word_embeddings:
       logits = self.model.attend(h)
     else:
       logits = self.lm_head(h)
-    logits = logits.astype(jnp.float32)
-    return logits if cache is None else (logits, new_cache)
+    return logits.astype(jnp.float32)

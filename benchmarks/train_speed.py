@@ -1,0 +1,376 @@
+"""LoRA training speed and memory of `jlora.models` options vs compiled PEFT.
+
+Each system runs in its own subprocess (its own GPU allocator, so its peak
+memory is its own) under its own timeout, one after another; then a table and
+JSON are printed (and written with --json, after every system).
+
+  python benchmarks/train_speed.py --shape 1b                 # H100
+  python benchmarks/train_speed.py --shape 8b --systems peft_compile,attention+gate
+  python benchmarks/train_speed.py --shape tiny               # CPU smoke run
+
+jlora systems are `jlora.models.LlamaForCausalLM` (bf16, scan over layers,
+cuDNN attention with is_causal on GPU) with LoRA through `jlora.apply` +
+`jlora.wrap`, and differ in:
+  remat    what the backward pass keeps ("none", "full", "attention",
+           "attention+gate", "matmuls", "dots"; see LlamaForCausalLM)
+  ce       0: logits (B, T, vocab) in float32 + log-softmax cross-entropy;
+           n: `jlora.models.losses.chunked_cross_entropy` over n-token chunks
+  offload  checkpoint names kept in pinned host memory ("+"-joined)
+  mb       micro-batches: gradient accumulation inside the jitted step over
+           mb equal slices of the batch (same batch, loss and gradient)
+  scan     1 (default): nn.scan over layers; 0: unrolled layers
+  flags    named XLA flag sets (XLA_FLAGS), e.g. notriton
+A system is a preset name from VARIANTS or a spec such as
+"remat=matmuls/ce=2048/offload=gate_proj+up_proj/mb=2".
+
+peft_compile is `train_step.run_peft`: HuggingFace PEFT on transformers'
+LlamaForCausalLM (sdpa attention) under torch.compile, as in the anchors.
+
+Same step for all: batch x seq random tokens, next-token cross-entropy, AdamW
+(lr 1e-4), LoRA r=16 alpha=32 on q, k, v, o, gate, up, down. jlora steps are
+dispatched back to back with donated buffers and no host sync inside the timed
+loop (one sync at the end); two timed rounds, the faster reported, both kept.
+Peak memory: the allocator's peak (`peak_bytes_in_use`; PyTorch's
+`max_memory_allocated`), and for jlora also XLA's static footprint of the
+step (arguments + temporaries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train_step as ts  # noqa: E402  (SHAPES, floor_flops, run_peft, ...)
+
+SHAPES = ts.SHAPES
+TARGETS = ts.TARGETS
+
+# Presets: name -> options. "base" is the plain path (full logits).
+VARIANTS = {
+  "base": dict(remat="none", ce=0),
+  "ce": dict(remat="none", ce=1024),
+  "full": dict(remat="full", ce=1024),
+  "dots": dict(remat="dots", ce=1024),
+  "attention": dict(remat="attention", ce=1024),
+  "attention+gate": dict(remat="attention+gate", ce=1024),
+  "matmuls": dict(remat="matmuls", ce=1024),
+  "offload": dict(remat="attention", ce=1024, offload="gate_proj+up_proj"),
+  # "matmuls" less q_proj and o_proj (recomputed: the smaller matmuls).
+  "kv+mlp": dict(remat="k_proj+v_proj+attention+gate_proj+up_proj", ce=1024),
+  # "matmuls" with up_proj in host memory instead of device memory.
+  "offload_up": dict(remat="q_proj+k_proj+v_proj+attention+o_proj+gate_proj",
+                     ce=1024, offload="up_proj"),
+}
+DEFAULT_SYSTEMS = {
+  "1b": "peft_compile,base,ce,matmuls,attention,full",
+  "8b": "peft_compile,kv+mlp,matmuls,attention+gate,full",
+  "tiny": "peft_compile,base,ce,full,attention,attention+gate,matmuls,offload",
+}
+
+
+def parse_system(name: str) -> dict:
+  """Options of a jlora system: a VARIANTS name or "k=v/k=v" spec."""
+  if name in VARIANTS:
+    return dict(VARIANTS[name])
+  opts = dict(remat="none", ce=1024)
+  for part in name.split("/"):
+    key, _, value = part.partition("=")
+    if key not in ("remat", "ce", "offload", "attention", "scan", "flags",
+                   "mb"):
+      raise SystemExit(
+        f"unknown system {name!r}: use peft_compile, one of {sorted(VARIANTS)}"
+        " or a spec like 'remat=matmuls/ce=2048/offload=up_proj/scan=0/"
+        f"flags=notriton' (flags from {sorted(XLA_FLAGS)})"
+      )
+    opts[key] = int(value) if key in ("ce", "scan", "mb") else value
+  for flag in opts.get("flags", "").split("+"):
+    if flag and flag not in XLA_FLAGS:
+      raise SystemExit(f"unknown flags {flag!r}; use {sorted(XLA_FLAGS)}")
+  return opts
+
+
+# XLA flag sets a system can name (flags=a+b), set in its process only.
+XLA_FLAGS = {
+  "notriton": "--xla_gpu_enable_triton_gemm=false",
+  "lhs": "--xla_gpu_enable_latency_hiding_scheduler=true",
+  "nocmdbuf": "--xla_gpu_enable_command_buffer=",
+}
+
+
+def _remat_arg(remat: str):
+  """A preset name, a VARIANTS name, or "+"-joined checkpoint names."""
+  from jlora.models.llama import REMAT_POLICIES
+  if remat in REMAT_POLICIES:
+    return remat
+  if remat in VARIANTS:
+    return _remat_arg(VARIANTS[remat]["remat"])
+  return tuple(remat.split("+"))
+
+
+# -- jlora ------------------------------------------------------------------------
+
+
+def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
+              warmup: int, matmul: bool) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import jlora
+  from jlora.models import LlamaForCausalLM, ModelConfig
+  from jlora.models.losses import chunked_cross_entropy
+
+  opts = parse_system(name)
+  on_gpu = jax.default_backend() == "gpu"
+  scan = bool(opts.get("scan", 1))
+  cfg = ModelConfig(
+    vocab_size=s["vocab"], hidden_size=s["hidden"],
+    intermediate_size=s["inter"], num_layers=s["layers"],
+    num_heads=s["heads"], num_kv_heads=s["kv_heads"], rms_norm_eps=1e-5,
+    max_position_embeddings=s["seq"])
+  offload = tuple(x for x in opts.get("offload", "").split("+") if x)
+  attention = opts.get("attention", "cudnn" if on_gpu else "xla")
+  model = LlamaForCausalLM(cfg, jnp.bfloat16, jnp.bfloat16, scan,
+                           _remat_arg(opts["remat"]), attention, offload)
+  tx = optax.adamw(1e-4)
+  key = jax.random.key(0)
+  ids = jax.random.randint(key, (s["batch"], s["seq"] + 1), 0, s["vocab"])
+  inputs, labels = ids[:, :-1], ids[:, 1:]
+
+  def make(key):
+    params = model.init(key, inputs[:1, :8])["params"]
+    lp = jlora.apply(params, rank=rank, alpha=alpha, key=key,
+                     targets="|".join(TARGETS))
+    trainable, frozen = jlora.partition(lp)
+    return trainable, frozen, tx.init(trainable)
+
+  forward = jlora.wrap(model.apply)
+  chunk = opts["ce"]
+
+  def loss_fn(t, frozen, inputs, labels):
+    p = jlora.combine(t, frozen)
+    if chunk:
+      h = forward({"params": p}, inputs, return_hidden=True)
+      return chunked_cross_entropy(h, p["lm_head"]["kernel"], labels,
+                                   chunk_size=chunk)
+    logits = forward({"params": p}, inputs)
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], -1))
+
+  micro = opts.get("mb", 1)
+
+  def loss_and_grad(t, frozen, inputs, labels):
+    if micro == 1:
+      return jax.value_and_grad(loss_fn)(t, frozen, inputs, labels)
+    # Gradient accumulation inside the step: the batch in `micro` equal
+    # slices, one after another (lax.scan), so only one slice's activations
+    # are alive; the mean of equal-sized means is the batch mean.
+    xs = jax.tree.map(
+      lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]),
+      (inputs, labels))
+
+    def body(acc, xy):
+      loss, g = jax.value_and_grad(loss_fn)(t, frozen, *xy)
+      return jax.tree.map(jnp.add, acc, g), loss
+
+    g, losses = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, t), xs)
+    return jnp.mean(losses), jax.tree.map(lambda x: x / micro, g)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(t, opt_state, frozen, inputs, labels):
+    loss, g = loss_and_grad(t, frozen, inputs, labels)
+    u, opt_state = tx.update(g, opt_state, t)
+    return optax.apply_updates(t, u), opt_state, loss
+
+  t0 = time.perf_counter()
+  t_shape, frozen_shape, opt_shape = jax.eval_shape(make, key)
+  compiled = step.lower(t_shape, opt_shape, frozen_shape, inputs,
+                        labels).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  footprint = temp = None
+  if mem is not None:
+    footprint = (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
+                 mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**30
+    temp = mem.temp_size_in_bytes / 2**30
+
+  trainable, frozen, opt_state = jax.jit(make)(key)
+  losses = []
+  for _ in range(warmup):
+    trainable, opt_state, loss = compiled(trainable, opt_state, frozen,
+                                          inputs, labels)
+    losses.append(float(loss))
+  rounds = []
+  for _ in range(2):
+    t0 = time.perf_counter()
+    out = []
+    for _ in range(steps):
+      trainable, opt_state, loss = compiled(trainable, opt_state, frozen,
+                                            inputs, labels)
+      out.append(loss)
+    jax.block_until_ready((trainable, opt_state, out))
+    rounds.append((time.perf_counter() - t0) / steps)
+    losses += [float(x) for x in out]
+  stats = jax.devices()[0].memory_stats() or {}
+  step_s = min(rounds)
+  n_train = sum(x.size for x in jax.tree.leaves(trainable))
+  result = dict(
+    system=name, options=opts, step_s=step_s, rounds_s=rounds,
+    tokens_per_s=s["batch"] * s["seq"] / step_s,
+    peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+    footprint_gib=footprint, temp_gib=temp, compile_s=compile_s,
+    loss_first=losses[0], loss_last=losses[-1], trainable=int(n_train))
+  if matmul:
+    result["matmul_tflops"] = max(ts.matmul_tflops() for _ in range(2))
+  return result
+
+
+def run_peft_system(name: str, s: dict, rank: int, alpha: float, steps: int,
+                    warmup: int) -> dict:
+  r = ts.run_peft(name, s, rank, alpha, steps, warmup, False)
+  return dict(dataclasses.asdict(r), options={})
+
+
+# -- driver -----------------------------------------------------------------------
+
+
+def child(args) -> None:
+  s = SHAPES[args.shape]
+  if not args.system.startswith("peft"):
+    flags = parse_system(args.system).get("flags", "")
+    extra = " ".join(XLA_FLAGS[f] for f in flags.split("+") if f)
+    if extra:  # before jax is imported
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
+                                 extra).strip()
+  if args.system.startswith("peft"):
+    result = run_peft_system(args.system, s, args.rank, args.alpha,
+                             args.steps, args.warmup)
+  else:
+    result = run_jlora(args.system, s, args.rank, args.alpha, args.steps,
+                       args.warmup, args.matmul)
+  print("RESULT " + json.dumps(result), flush=True)
+
+
+def _row(r: dict, flops: float, tflops: float | None, ref: dict | None) -> str:
+  if "error" in r:
+    return f"{r['system']:<16} error: {r['error'][:300]}"
+  floor = flops / (tflops * 1e12) / r["step_s"] if tflops else 0.0
+  r["floor_fraction"] = floor
+  vs = mem = "-"
+  if ref is not None and ref is not r:
+    r["vs_peft_compile"] = r["tokens_per_s"] / ref["tokens_per_s"]
+    vs = f"{r['vs_peft_compile']:.2f}x"
+    if ref["peak_gib"]:
+      r["peak_vs_peft_compile"] = r["peak_gib"] / ref["peak_gib"]
+      mem = f"{r['peak_vs_peft_compile']:.2f}x"
+  fp = r.get("footprint_gib")
+  fp = f"{fp:.2f}" if fp is not None else "-"
+  return (f"{r['system']:<16}{r['step_s']:>9.4f}{r['tokens_per_s']:>11,.0f}"
+          f"{r['peak_gib']:>9.2f}{fp:>9}{floor * 100:>8.1f}%{vs:>8}{mem:>8}"
+          f"{r['loss_first']:>9.3f}->{r['loss_last']:.3f}")
+
+
+def report(args, results: list, tflops: float | None) -> dict:
+  s = SHAPES[args.shape]
+  flops = ts.floor_flops(s)
+  ref = next((r for r in results
+              if r["system"] == "peft_compile" and "error" not in r), None)
+  lines = [
+    f"shape {args.shape}: {s}; LoRA r={args.rank} alpha={args.alpha};"
+    f" bf16 matmul {tflops or 0:.0f} TFLOP/s; floor"
+    f" {flops / 1e12:.1f} TFLOP/step",
+    f"{'system':<16}{'step s':>9}{'tokens/s':>11}{'peak GiB':>9}"
+    f"{'XLA GiB':>9}{'floor':>9}{'vs PEFT':>8}{'mem':>8}{'loss0->N':>18}",
+  ]
+  lines.append("-" * len(lines[-1]))
+  lines += [_row(r, flops, tflops, ref) for r in results]
+  print("\n".join(lines), flush=True)
+  return dict(shape=args.shape, config=s, rank=args.rank, alpha=args.alpha,
+              steps=args.steps, warmup=args.warmup, matmul_tflops=tflops,
+              floor_tflop=flops / 1e12, results=results,
+              table="\n".join(lines))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+  p.add_argument("--systems", default=None,
+                 help="comma-separated; default per shape: "
+                 + json.dumps(DEFAULT_SYSTEMS))
+  p.add_argument("--rank", type=int, default=16)
+  p.add_argument("--alpha", type=float, default=32.0)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--timeout", type=float, default=300,
+                 help="seconds per system")
+  p.add_argument("--budget", type=float, default=None,
+                 help="seconds for the whole run; later systems are skipped")
+  p.add_argument("--json", default=None, help="write results here")
+  p.add_argument("--system", help=argparse.SUPPRESS)
+  p.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.system:
+    return child(args)
+
+  start = time.perf_counter()
+  systems = (args.systems or DEFAULT_SYSTEMS[args.shape]).split(",")
+  for name in systems:
+    if not name.startswith("peft"):
+      parse_system(name)  # fail early on a bad spec
+  results, tflops, measured = [], None, False
+  for name in systems:
+    left = (args.budget - (time.perf_counter() - start)
+            if args.budget else args.timeout)
+    if left < 20:
+      results.append(dict(system=name, error="skipped: out of time budget"))
+      continue
+    cmd = [sys.executable, __file__, "--shape", args.shape, "--system", name,
+           "--rank", str(args.rank), "--alpha", str(args.alpha),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if not name.startswith("peft") and not measured:
+      cmd.append("--matmul")
+      measured = True
+    t0 = time.perf_counter()
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True,
+                            timeout=min(args.timeout, left))
+      out, err = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+      out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+      err = f"timed out after {min(args.timeout, left):.0f} s"
+    found = [json.loads(l[7:]) for l in out.splitlines()
+             if l.startswith("RESULT ")]
+    if found:
+      r = found[0]
+      tflops = r.pop("matmul_tflops", None) or tflops
+    else:
+      tail = [l for l in (err or out).strip().splitlines() if l.strip()][-4:]
+      r = dict(system=name, error=" | ".join(tail))
+    r["wall_s"] = time.perf_counter() - t0
+    results.append(r)
+    print(f"[{name}] {r['wall_s']:.0f} s"
+          + (f" error: {r['error'][:400]}" if "error" in r else
+             f" step {r['step_s']:.4f} s peak {r['peak_gib']:.2f} GiB"),
+          file=sys.stderr, flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(dict(shape=args.shape, partial=True, results=results,
+                       matmul_tflops=tflops), f, indent=1)
+  out = report(args, results, tflops)
+  print("JSON " + json.dumps(out))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
