@@ -42,7 +42,6 @@ import glob
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,8 +49,9 @@ import zipfile
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # train_step, and jlora itself
-from train_step import (SHAPES, TARGETS, Result, floor_flops,  # noqa: E402
-                        matmul_tflops, run_jax)
+from train_step import (SHAPES, TARGETS, Result,  # noqa: E402
+                        common_flags, floor_flops, matmul_tflops, run_jax,
+                        run_systems)
 
 SYSTEMS = ("jlora_nf4", "peft_qlora", "jlora")
 _LOAD = {}
@@ -261,25 +261,8 @@ def main() -> None:
   if args.system:
     return child(args)
 
-  results, tflops = [], None
-  for i, system in enumerate(args.systems.split(",")):
-    cmd = [sys.executable, __file__, "--shape", args.shape, "--system", system,
-           "--rank", str(args.rank), "--alpha", str(args.alpha),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    if i == 0:
-      cmd.append("--matmul")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = proc.stdout.splitlines()
-    found = [json.loads(l[7:]) for l in lines if l.startswith("RESULT ")]
-    mm = [json.loads(l[7:]) for l in lines if l.startswith("MATMUL ")]
-    if mm:
-      tflops = mm[0]["tflops"]
-    if found:
-      results.append(found[0])
-    else:
-      tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-      results.append(dict(system=system, error=" | ".join(tail)))
-    print(f"[{system}] done", file=sys.stderr, flush=True)
+  results, tflops = run_systems(__file__, args.systems.split(","),
+                                common_flags(args))
 
   s = SHAPES[args.shape]
   flops = floor_flops(s)

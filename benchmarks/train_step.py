@@ -291,6 +291,46 @@ def run_peft(system: str, s: dict, rank: int, alpha: float, steps: int,
 
 # -- driver ------------------------------------------------------------------------
 
+def common_flags(args) -> list[str]:
+  return ["--shape", args.shape, "--rank", str(args.rank), "--alpha",
+          str(args.alpha), "--steps", str(args.steps), "--warmup",
+          str(args.warmup)]
+
+
+def run_systems(script: str, systems: list[str], flags: list[str],
+                timeout: float | None = None) -> tuple[list[dict], float | None]:
+  """Runs `script --system S` for each system in its own process.
+
+  Each child prints one ``RESULT {json}`` line (the first also a ``MATMUL``
+  line with the measured bf16 rate); a child that fails or times out gives
+  an ``error`` entry with the end of its output.
+  """
+  results, tflops = [], None
+  for i, system in enumerate(systems):
+    cmd = [sys.executable, script, "--system", system, *flags]
+    if i == 0:
+      cmd.append("--matmul")
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True,
+                            timeout=timeout)
+      out, err = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+      out, err = e.stdout or "", f"timed out after {timeout} s"
+      out = out.decode() if isinstance(out, bytes) else out
+    lines = out.splitlines()
+    found = [json.loads(l[7:]) for l in lines if l.startswith("RESULT ")]
+    mm = [json.loads(l[7:]) for l in lines if l.startswith("MATMUL ")]
+    if mm:
+      tflops = mm[0]["tflops"]
+    if found:
+      results.append(found[0])
+    else:
+      tail = (err or out).strip().splitlines()[-3:]
+      results.append(dict(system=system, error=" | ".join(tail)))
+    print(f"[{system}] done", file=sys.stderr, flush=True)
+  return results, tflops
+
+
 def child(args) -> None:
   s = SHAPES[args.shape]
   runner = run_peft if args.system.startswith("peft") else run_jax
@@ -318,27 +358,9 @@ def main() -> None:
   if args.system:
     return child(args)
 
-  results, tflops = [], None
-  for i, system in enumerate(args.systems.split(",")):
-    cmd = [sys.executable, __file__, "--shape", args.shape, "--system", system,
-           "--rank", str(args.rank), "--alpha", str(args.alpha),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    if args.remat:
-      cmd.append("--remat")
-    if i == 0:
-      cmd.append("--matmul")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = proc.stdout.splitlines()
-    found = [json.loads(l[7:]) for l in lines if l.startswith("RESULT ")]
-    mm = [json.loads(l[7:]) for l in lines if l.startswith("MATMUL ")]
-    if mm:
-      tflops = mm[0]["tflops"]
-    if found:
-      results.append(found[0])
-    else:
-      tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-      results.append(dict(system=system, error=" | ".join(tail)))
-    print(f"[{system}] done", file=sys.stderr, flush=True)
+  extra = ["--remat"] if args.remat else []
+  results, tflops = run_systems(__file__, args.systems.split(","),
+                                common_flags(args) + extra)
 
   s = SHAPES[args.shape]
   flops = floor_flops(s)
