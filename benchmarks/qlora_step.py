@@ -17,6 +17,8 @@ Systems:
               the dense bf16 kernels exist only as temporaries of that one
               XLA program, never as arrays the process holds.
   jlora       the same without quantization (bf16 base), for reference.
+  jlora_nf4_host_opt  jlora_nf4 with AdamW's state in pinned host memory
+              (`jlora.quant.host_offloaded`).
   peft_qlora  transformers' LlamaForCausalLM, every decoder nn.Linear replaced
               by bitsandbytes' Linear4bit (NF4, double quantization, bf16
               compute; lm_head kept, as transformers' BitsAndBytesConfig
@@ -53,7 +55,7 @@ from train_step import (SHAPES, TARGETS, Result,  # noqa: E402
                         common_flags, floor_flops, matmul_tflops, run_jax,
                         run_systems)
 
-SYSTEMS = ("jlora_nf4", "peft_qlora", "jlora")
+SYSTEMS = ("jlora_nf4", "peft_qlora", "jlora", "jlora_nf4_host_opt")
 _LOAD = {}
 
 
@@ -66,7 +68,11 @@ def run_jlora(system: str, s: dict, rank: int, alpha: float, steps: int,
 
   import jlora
 
-  init_params = _quantized_init if system == "jlora_nf4" else None
+  init_params = _quantized_init if system.startswith("jlora_nf4") else None
+  tx = None
+  if system == "jlora_nf4_host_opt":
+    import optax
+    tx = jlora.quant.host_offloaded(optax.adamw(1e-4))
 
   apply = jlora.apply
 
@@ -81,9 +87,11 @@ def run_jlora(system: str, s: dict, rank: int, alpha: float, steps: int,
 
   jlora.apply = measured_apply
   result = run_jax("jlora", s, rank, alpha, steps, warmup, remat=True,
-                   init_params=init_params)
+                   init_params=init_params, tx=tx)
   result.system = system
-  result.note = ("nf4+dq, remat" if system == "jlora_nf4" else "bf16, remat")
+  result.note = {"jlora_nf4": "nf4+dq, remat",
+                 "jlora_nf4_host_opt": "nf4+dq, remat, opt state on host"
+                 }.get(system, "bf16, remat")
   return result
 
 

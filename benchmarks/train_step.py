@@ -76,10 +76,11 @@ def floor_flops(s: dict) -> float:
 # -- JAX systems ---------------------------------------------------------------
 
 def run_jax(system: str, s: dict, rank: int, alpha: float, steps: int,
-            warmup: int, remat: bool, init_params=None) -> Result:
+            warmup: int, remat: bool, init_params=None,
+            tx=None) -> Result:
   """One JAX system's measured steps; `init_params(model, key, inputs)`
   replaces the default jitted `model.init` (e.g. to quantize while
-  initialising)."""
+  initialising) and `tx` the default AdamW(1e-4)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -186,7 +187,7 @@ def run_jax(system: str, s: dict, rank: int, alpha: float, steps: int,
     combine = lambda t, f: traverse_util.unflatten_dict({**t, **f}, sep="/")
   del params
 
-  tx = optax.adamw(1e-4)
+  tx = optax.adamw(1e-4) if tx is None else tx
   opt_state = tx.init(trainable)
 
   def loss_fn(t, frozen):
