@@ -38,7 +38,6 @@ its peak is the training peak, with the loading peak reported beside it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import json
@@ -52,8 +51,8 @@ import zipfile
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # train_step, and jlora itself
 from train_step import (SHAPES, TARGETS, Result,  # noqa: E402
-                        common_flags, floor_flops, matmul_tflops, run_jax,
-                        run_systems)
+                        base_parser, common_flags, floor_flops,
+                        matmul_tflops, run_jax, run_systems)
 
 SYSTEMS = ("jlora_nf4", "peft_qlora", "jlora", "jlora_nf4_host_opt")
 _LOAD = {}
@@ -255,17 +254,7 @@ def child(args) -> None:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--shape", choices=sorted(SHAPES), default="8b")
-  p.add_argument("--systems", default=",".join(SYSTEMS))
-  p.add_argument("--rank", type=int, default=16)
-  p.add_argument("--alpha", type=float, default=32.0)
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--json", default=None, help="write results here")
-  p.add_argument("--system", help=argparse.SUPPRESS)
-  p.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
-  args = p.parse_args()
+  args = base_parser(__doc__.splitlines()[0], "8b", SYSTEMS).parse_args()
   if args.system:
     return child(args)
 

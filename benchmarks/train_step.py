@@ -342,19 +342,26 @@ def child(args) -> None:
     print("MATMUL " + json.dumps({"tflops": matmul_tflops()}), flush=True)
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-  p.add_argument("--systems", default=",".join(SYSTEMS))
+def base_parser(description: str, shape: str,
+                systems: tuple[str, ...]) -> argparse.ArgumentParser:
+  """The flags every train-step benchmark shares (and `common_flags` passes)."""
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--shape", choices=sorted(SHAPES), default=shape)
+  p.add_argument("--systems", default=",".join(systems))
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--alpha", type=float, default=32.0)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--remat", action="store_true",
-                 help="rematerialise every layer (JAX) / gradient checkpointing (PEFT)")
   p.add_argument("--json", default=None, help="write results here")
   p.add_argument("--system", help=argparse.SUPPRESS)
   p.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
+  return p
+
+
+def main() -> None:
+  p = base_parser(__doc__.splitlines()[0], "1b", SYSTEMS)
+  p.add_argument("--remat", action="store_true",
+                 help="rematerialise every layer (JAX) / gradient checkpointing (PEFT)")
   args = p.parse_args()
   if args.system:
     return child(args)
