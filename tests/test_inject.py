@@ -22,7 +22,8 @@ def _params():
 
 
 def test_nodes_shapes_scale_and_init():
-  lp = jlora.apply(_params(), rank=4, alpha=16.0, key=KEY)
+  params = _params()
+  lp = jlora.apply(params, rank=4, alpha=16.0, key=KEY)
   node = lp["attn"]["q_proj"]["kernel"]
   assert isinstance(node, jlora.LoRA)
   assert node.a.shape == (16, 4) and node.b.shape == (4, 8)
@@ -33,10 +34,10 @@ def test_nodes_shapes_scale_and_init():
   # U(-c, c) has std c / sqrt(3) = 0.144 here; 64 draws land near it.
   assert 0.10 < float(node.a.std()) < 0.19
   np.testing.assert_array_equal(node.b, 0)
-  assert node.w is _params()["attn"]["q_proj"]["kernel"] or np.array_equal(
-      node.w, _params()["attn"]["q_proj"]["kernel"])
+  # The base kernel is held as is, never copied.
+  assert node.w is params["attn"]["q_proj"]["kernel"]
   # Untargeted leaves are the very same objects; the head is left alone.
-  assert not is_lora(lp["lm_head"]["kernel"])
+  assert lp["lm_head"]["kernel"] is params["lm_head"]["kernel"]
   assert not is_lora(lp["attn"]["q_proj"]["bias"])
 
 
