@@ -10,13 +10,13 @@ import importlib
 from jlora import quant, variants
 from jlora.adapters import (AdapterSet, add_adapter, load_adapter_set,
                             remove_adapter, save_adapter_set, select,
-                            set_active)
+                            set_active, stack_adapters, unstack_adapters)
 from jlora.adapters import wrap as wrap_adapter
 from jlora._factored import LayoutError
 from jlora.inject import apply
 from jlora.merge import merge
 from jlora.merging import combine_adapters
-from jlora.node import LoRA
+from jlora.node import LoRA, MultiLoRA
 from jlora.partition import combine, mask, optimizer, partition
 from jlora.quant import QuantizedArray, dequantize, quantize
 from jlora.summary import Count, count, summary
@@ -49,6 +49,7 @@ def __getattr__(name):
 __all__ = [
     "AdapterSet", "add_adapter", "combine_adapters", "load_adapter_set",
     "remove_adapter", "save_adapter_set", "select", "set_active",
+    "stack_adapters", "unstack_adapters", "MultiLoRA",
     "wrap_adapter", "QuantizedArray", "dequantize", "quant", "quantize",
     "AdapterMismatchError", "CheckpointCorruptError", "CheckpointManager",
     "CheckpointMismatchError", "Count", "LayoutError", "LoRA", "apply",

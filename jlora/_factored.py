@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora._quant_array import is_quantized
-from jlora.node import LoRA, base_array
+from jlora.node import LoRA, base_array, is_multi
 
 
 class LayoutError(ValueError):
@@ -44,9 +44,14 @@ def _to_kernel_order(x, roles: str, keep: str, first: str) -> Any:
 class Factored:
   """``w + scale * einsum(a, b)`` over the kernel's axes, never formed."""
 
-  def __init__(self, w, a, b, gain, rng, roles: str, orig: tuple[int, ...],
-               scale: float, path: str, layout: str, dropout: float):
+  def __init__(self, w, a, b, gain, rng, ids, roles: str,
+               orig: tuple[int, ...], scale: float, path: str, layout: str,
+               dropout: float, group_scales: tuple[float, ...] = ()):
     self.w, self.a, self.b = w, a, b
+    # Mixed-adapter batches (a `MultiLoRA` node): the rank axis holds
+    # len(group_scales) adapters side by side, and example k of the batch
+    # uses adapter ids[k] (negative: none).
+    self.ids, self.group_scales = ids, group_scales
     # DoRA's per-output gain m / ||W'|| shaped like w with size-1 input axes.
     self.gain = gain
     # Dropout key of the adapter path, one per stacked index.
@@ -55,8 +60,9 @@ class Factored:
     self.scale, self.path, self.layout = scale, path, layout
     self.dropout = dropout
 
-  _CHILDREN = ("w", "a", "b", "gain", "rng")
-  _AUX = ("roles", "orig", "scale", "path", "layout", "dropout")
+  _CHILDREN = ("w", "a", "b", "gain", "rng", "ids")
+  _AUX = ("roles", "orig", "scale", "path", "layout", "dropout",
+          "group_scales")
 
   def tree_flatten(self):
     return (tuple(getattr(self, k) for k in self._CHILDREN),
@@ -67,20 +73,37 @@ class Factored:
     return cls(*children, *aux)
 
   @classmethod
-  def from_node(cls, node: LoRA, rng=None) -> "Factored":
+  def from_node(cls, node: LoRA, rng=None, ids=None) -> "Factored":
     node.check_complete()
     # The base is frozen: no gradient ever flows to it, so its weight
     # gradient is never computed. A quantized base stays quantized here and
     # is dequantized at each use.
     w = jax.lax.stop_gradient(node.w)
     roles, shape = node.layout, tuple(w.shape)
-    r = node.rank
     stacked = tuple(s for s, x in zip(shape, roles) if x == "b")
     in_sizes = tuple(s for s, x in zip(shape, roles) if x == "i")
     out_sizes = tuple(s for s, x in zip(shape, roles) if x == "o")
-    a = _to_kernel_order(node.a.reshape(*stacked, *in_sizes, r), roles, "bi",
-                         "i")
+    node_a = node.a
     node_b = node.b if node.e is None else node.e[..., :, None] * node.b
+    group_scales, scale = (), None
+    if is_multi(node):
+      if ids is None:
+        raise ValueError(
+            f"'{node.path}' stacks adapters {list(node.names)}: call the"
+            " wrapped function with adapter_ids=ids, one adapter index per"
+            " example")
+      # (n, *stacked, in, r) -> (*stacked, in, n * r): the adapters become
+      # one wide rank axis, so layout ops and scans treat them as one.
+      n, r = node_a.shape[0], node_a.shape[-1]
+      node_a = jnp.moveaxis(node_a, 0, -2).reshape(*node_a.shape[1:-1], n * r)
+      node_b = jnp.moveaxis(node_b, 0, -3).reshape(*node_b.shape[1:-2], n * r,
+                                                   node_b.shape[-1])
+      group_scales, scale = tuple(float(s) for s in node.scales), 1.0
+    else:
+      ids = None
+    r = node_a.shape[-1]
+    a = _to_kernel_order(node_a.reshape(*stacked, *in_sizes, r), roles, "bi",
+                         "i")
     b = jnp.moveaxis(node_b, -2, -1).reshape(*stacked, *out_sizes, r)
     b = _to_kernel_order(b, roles, "bo", "o")
     gain = None
@@ -91,8 +114,9 @@ class Factored:
       rng = jax.random.split(rng, stacked) if stacked else rng
     else:
       rng = None
-    return cls(w, a, b, gain, rng, roles, tuple(range(len(shape))),
-               node.scale, node.path, node.layout, node.dropout)
+    return cls(w, a, b, gain, rng, ids, roles, tuple(range(len(shape))),
+               node.scale if scale is None else scale, node.path, node.layout,
+               node.dropout, group_scales)
 
   def replace(self, **kw) -> "Factored":
     fields = {k: getattr(self, k) for k in self._CHILDREN + self._AUX}
@@ -182,6 +206,12 @@ class Factored:
 
   def materialize(self):
     """The fused kernel, for uses other than a matrix product."""
+    if self.group_scales:
+      raise TypeError(
+          f"'{self.path}' runs a different adapter per example, which only a"
+          " matrix product against the kernel can do, but the function uses"
+          " the kernel otherwise (or returns it); run one adapter at a time"
+          " (jlora.select) for this function")
     letters = iter(string.ascii_letters)
     kl = [next(letters) for _ in self.roles]
     r = next(letters)
@@ -226,12 +256,23 @@ class Factored:
     dtype = self.w.dtype
     out_dtype = params.get("preferred_element_type") or base.dtype
     precision = params.get("precision")
+    a, b, scale = self.a, self.b, jnp.asarray(self.scale, out_dtype)
+    if self.group_scales:
+      # Punica/S-LoRA's batched gather-matmul: each example's own (in, r)
+      # and (r, out) factors are gathered and multiplied batch-wise.
+      example = next((i for i in range(x.ndim) if i not in xc and i not in xb),
+                     None)
+      a, b, scale = self._gather_adapters(x, example)
+      al = al[:-1] + [xl[example], r]
+      bl = bl[:-1] + [xl[example], r]
+      scale = scale.astype(out_dtype).reshape(
+          [-1 if l == xl[example] else 1 for l in tl])
     t = jnp.einsum(f"{''.join(xl)},{''.join(al)}->{''.join(tl)}",
-                   self._dropout(x), self.a.astype(dtype), precision=precision,
+                   self._dropout(x), a.astype(dtype), precision=precision,
                    preferred_element_type=out_dtype)
-    t = (t * jnp.asarray(self.scale, t.dtype)).astype(dtype)
+    t = (t * scale).astype(dtype)
     delta = jnp.einsum(f"{''.join(tl)},{''.join(bl)}->{''.join(out)}", t,
-                       self.b.astype(dtype), precision=precision,
+                       b.astype(dtype), precision=precision,
                        preferred_element_type=out_dtype)
     y = base + delta.astype(base.dtype)
     if self.gain is not None:
@@ -240,6 +281,32 @@ class Factored:
                                      if x_ == "i"]).astype(y.dtype)
       y = jnp.einsum(f"{''.join(out)},{''.join(gl)}->{''.join(out)}", y, gain)
     return y
+
+  def _gather_adapters(self, x, example: int | None):
+    """Per-example factors (..., E, r) and scales (E,) along x's `example` axis.
+
+    The example axis is the first axis of `x` that is neither contracted
+    nor a batch axis of the product: the batch of a (batch, seq, features)
+    input. A flattened (batch * seq, features) input repeats each id.
+    """
+    n = len(self.group_scales)
+    batch = self.ids.shape[0]
+    size = None if example is None else x.shape[example]
+    if size is None or size % batch:
+      raise ValueError(
+          f"adapter_ids has {batch} entries, but the input of the product"
+          f" with '{self.path}' has shape {tuple(x.shape)}: its first"
+          " uncontracted axis must be the batch (or batch * sequence) axis")
+    ids = self.ids if size == batch else jnp.repeat(self.ids, size // batch)
+    # A negative id runs no adapter: it indexes past the end, filled with 0.
+    ids = jnp.where(ids < 0, n, ids)
+
+    def gather(f):
+      f = f.reshape(*f.shape[:-1], n, f.shape[-1] // n)
+      return jnp.take(f, ids, axis=-2, mode="fill", fill_value=0)
+
+    scales = jnp.asarray(self.group_scales + (0.0,), jnp.float32)[ids]
+    return gather(self.a), gather(self.b), scales
 
   def _base_product(self, x, kernel_is_rhs: bool, bind):
     """``dot_general(x, w)``, dequantizing a quantized ``w`` for this use."""

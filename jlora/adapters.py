@@ -29,14 +29,17 @@ import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from jlora import _paths
-from jlora.node import LoRA, factor_shapes, is_lora
+from jlora.node import (LoRA, MultiLoRA, check_single, factor_shapes, is_lora,
+                        is_multi)
 from jlora.wrap import wrap as _lora_wrap
 
 __all__ = [
     "AdapterSet", "add_adapter", "load_adapter_set", "remove_adapter",
-    "save_adapter_set", "select", "set_active", "wrap",
+    "save_adapter_set", "select", "set_active", "stack_adapters",
+    "unstack_adapters", "wrap",
 ]
 
 INDEX_FILE = "adapter_set.json"
@@ -168,6 +171,7 @@ def _adapter_half(base: Any, name: str, other: Any) -> Any:
   kernels = dict(_paths.leaves_with_path(base))
   found = {}
   for p, node in nodes:
+    check_single(node, "add_adapter")
     if p not in kernels:
       raise ValueError(
           f"adapter '{name}' has a LoRA node at '{p}', which is not a leaf of"
@@ -306,6 +310,130 @@ def select(adapter_set: AdapterSet, name: str | None | _Active = ACTIVE
   return _attach(adapter_set.base, half)
 
 
+# ------------------------------------------------------ mixed-adapter batches
+
+
+def _stack_node(path: str, kernel: Any, nodes: dict[str, LoRA | None]
+                ) -> MultiLoRA:
+  present = {k: v for k, v in nodes.items() if v is not None}
+  for field, what in (("layout", "layouts"), ("dropout", "dropout rates"),
+                      ("train_a", "train_a flags")):
+    values = {getattr(v, field) for v in present.values()}
+    if len(values) > 1:
+      raise ValueError(
+          f"adapters {list(present)} differ in {what} at '{path}' ({values});"
+          " adapters stacked for one batch must agree there")
+  dora = [k for k, v in present.items() if v.m is not None]
+  if dora:
+    raise ValueError(
+        f"adapters {dora} are DoRA adapters (at '{path}'), whose per-column"
+        " norm needs each adapter's fused kernel; mixed-adapter batches take"
+        " plain LoRA adapters: merge the DoRA ones into the base instead")
+  ref = next(iter(present.values()))
+  r_max = max(v.rank for v in present.values())
+  stacked, fan_in, fan_out = factor_shapes(ref.layout, tuple(kernel.shape))
+  dtype = jnp.result_type(*[v.a for v in present.values()],
+                          *[v.b for v in present.values()])
+
+  def padded(v: LoRA | None):
+    if v is None:
+      return (jnp.zeros((*stacked, fan_in, r_max), dtype),
+              jnp.zeros((*stacked, r_max, fan_out), dtype))
+    b = v.b if v.e is None else v.e[..., :, None] * v.b  # AdaLoRA: fold e
+    pad = r_max - v.rank
+    a = jnp.pad(v.a.astype(dtype), [(0, 0)] * (v.a.ndim - 1) + [(0, pad)])
+    b = jnp.pad(b.astype(dtype), [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])
+    return a, b
+
+  factors = [padded(v) for v in nodes.values()]
+  return MultiLoRA(
+      w=kernel, a=jnp.stack([f[0] for f in factors]),
+      b=jnp.stack([f[1] for f in factors]), alpha=1.0, layout=ref.layout,
+      path=path, dropout=ref.dropout, train_a=ref.train_a,
+      names=tuple(nodes), ranks=tuple(0 if v is None else v.rank
+                                      for v in nodes.values()),
+      alphas=tuple(0.0 if v is None else float(v.alpha)
+                   for v in nodes.values()),
+      rsloras=tuple(False if v is None else bool(v.rslora)
+                    for v in nodes.values()))
+
+
+def stack_adapters(adapter_set: AdapterSet, names: list[str] | None = None
+                   ) -> Any:
+  """The set's adapters stacked per kernel, for mixed-adapter batches.
+
+  Returns the base params with a `MultiLoRA` node at every kernel that any
+  of `names` adapts. ``jlora.wrap(fn)(tree, x, adapter_ids=ids)`` then runs
+  example ``k`` with adapter ``names[ids[k]]`` (``-1``: the bare base), for
+  inference and training alike: gradients reach each adapter's own slice.
+  Ranks may differ (zero-padded to the largest) and so may targets (zero
+  factors where an adapter has none); AdaLoRA's ``e`` is folded into ``b``.
+  DoRA adapters are refused. `unstack_adapters` is the inverse.
+
+  Args:
+    adapter_set: the set.
+    names: the adapters, in id order (default: all, in the set's order).
+
+  Example:
+    >>> tree = jlora.stack_adapters(s, ["sql", "chat"])
+    >>> ids = jnp.array([0, 1, 1, -1])           # per example; -1: base
+    >>> y = jlora.wrap(model.apply)({"params": tree}, x, adapter_ids=ids)
+  """
+  if not is_adapter_set(adapter_set):
+    raise TypeError(f"stack_adapters expects an AdapterSet, got"
+                    f" {type(adapter_set).__name__}; build one with"
+                    " jlora.add_adapter")
+  names = list(adapter_set.names if names is None else names)
+  if not names:
+    raise ValueError("no adapters to stack; add_adapter first")
+  if len(set(names)) != len(names):
+    raise ValueError(f"names {names} repeat an adapter")
+  halves = {n: dict(_lora_nodes(_lookup(adapter_set, n))) for n in names}
+
+  def stack(path, kernel):
+    nodes = {n: halves[n].get(path) for n in names}
+    if all(v is None for v in nodes.values()):
+      return kernel
+    return _stack_node(path, kernel, nodes)
+
+  return _paths.map_with_path(stack, adapter_set.base)
+
+
+def unstack_adapters(tree: Any) -> AdapterSet:
+  """The `AdapterSet` of a `stack_adapters` tree (e.g. after training).
+
+  Each adapter gets back its own rank (padding dropped) and config; an
+  adapter appears at the kernels it adapts only.
+
+  Example:
+    >>> s2 = jlora.unstack_adapters(trained_stack)
+    >>> jlora.save_adapter_set("/tmp/adapters", s2)
+  """
+  nodes = [(p, x) for p, x in _lora_nodes(tree) if is_multi(x)]
+  if not nodes:
+    raise ValueError("the tree holds no MultiLoRA nodes; make them with"
+                     " jlora.stack_adapters")
+  names = nodes[0][1].names
+  other = [p for p, x in nodes if x.names != names]
+  if other:
+    raise ValueError(f"MultiLoRA nodes at {other[:4]} stack other adapters"
+                     f" than {list(names)}")
+  base = _strip(tree)
+  s = AdapterSet(base, {}, None)
+  for i, name in enumerate(names):
+    single = {}
+    for p, x in nodes:
+      r = x.ranks[i]
+      if r:
+        single[p] = LoRA(w=None, a=x.a[i, ..., :r], b=x.b[i, ..., :r, :],
+                         alpha=x.alphas[i], layout=x.layout,
+                         rslora=x.rsloras[i], path=x.path, dropout=x.dropout,
+                         train_a=x.train_a)
+    s = AdapterSet(base, {**s.adapters, _check_name(name): _paths.map_with_path(
+        lambda p, _: single.get(p), base)}, None)
+  return s
+
+
 def wrap(fn: Callable[..., Any], adapter: str | None | _Active = ACTIVE
          ) -> Callable[..., Any]:
   """`jlora.wrap` that accepts `AdapterSet`s in its arguments.
@@ -313,7 +441,9 @@ def wrap(fn: Callable[..., Any], adapter: str | None | _Active = ACTIVE
   Every `AdapterSet` among the arguments (at any depth, e.g.
   ``{"params": s}``) is replaced by ``select(s, adapter)`` before the call
   goes to ``jlora.wrap(fn)``: factored LoRA matmuls, ``lora_rng`` for
-  adapter dropout.
+  adapter dropout. Given ``adapter_ids``, each set is instead stacked
+  (`stack_adapters`, ids index ``s.names``) for a mixed-adapter batch;
+  stack once outside a loop to avoid re-stacking per call.
 
   Args:
     fn: e.g. ``model.apply``.
@@ -327,9 +457,14 @@ def wrap(fn: Callable[..., Any], adapter: str | None | _Active = ACTIVE
   lora_fn = _lora_wrap(fn)
 
   @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
+  def wrapped(*args, adapter_ids=None, **kwargs):
+    if adapter_ids is None:
+      pick = lambda x: select(x, adapter)
+    else:
+      kwargs["adapter_ids"] = adapter_ids
+      pick = stack_adapters
     args, kwargs = jax.tree.map(
-        lambda x: select(x, adapter) if is_adapter_set(x) else x,
+        lambda x: pick(x) if is_adapter_set(x) else x,
         (args, kwargs), is_leaf=is_adapter_set)
     return lora_fn(*args, **kwargs)
 

@@ -31,7 +31,7 @@ from jlora import _checkpoint_io as io
 from jlora import _paths
 from jlora.inject import _adapter_shardings
 from jlora.merge import merge
-from jlora.node import is_lora
+from jlora.node import check_single, is_lora
 from jlora._checkpoint_io import CheckpointCorruptError, CheckpointMismatchError
 
 __all__ = [
@@ -116,6 +116,7 @@ def save_adapter(path, tree: Any, *, metadata: dict | None = None,
                      " jlora.apply(params, ...) first")
   arrays, targets, base = {}, {}, {}
   for p, node in nodes:
+    check_single(node, "save_adapter")
     if node.w is None or node.a is None:
       raise ValueError(
           f"LoRA node '{p}' lacks its base kernel or adapter (a partitioned"

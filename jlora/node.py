@@ -189,3 +189,70 @@ def base_array(w: Array) -> Array:
 
 def is_lora(x: Any) -> bool:
   return isinstance(x, LoRA)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MultiLoRA(LoRA):
+  """One kernel with several adapters stacked, for mixed-adapter batches.
+
+  Made by `jlora.stack_adapters`; under ``jlora.wrap(fn)(..., adapter_ids=ids)``
+  example ``k`` of the batch runs adapter ``ids[k]``. With ``n`` adapters and
+  ``r`` the largest of their ranks (smaller ranks are zero-padded, which
+  changes neither outputs nor gradients):
+
+  - ``a``: (n, *stacked, in, r); ``b``: (n, *stacked, r, out).
+  - ``names``, ``ranks``, ``alphas``, ``rsloras`` (static): per adapter, in
+    stacking order; rank 0 marks an adapter that does not adapt this kernel
+    (its factors are zero). ``scales`` are each adapter's own scale.
+
+  It is a `LoRA` node, so `partition`, `mask`, `optimizer` and `count` treat
+  ``a`` and ``b`` as trainable; there is no single fused kernel, so `merge`
+  and file formats need one adapter first (`jlora.unstack_adapters`).
+
+  Example:
+    >>> stacked = jlora.stack_adapters(adapter_set)       # MultiLoRA nodes
+    >>> y = jlora.wrap(model.apply)({"params": stacked}, x, adapter_ids=ids)
+  """
+
+  names: tuple[str, ...] = dataclasses.field(metadata=dict(static=True),
+                                             default=())
+  ranks: tuple[int, ...] = dataclasses.field(metadata=dict(static=True),
+                                             default=())
+  alphas: tuple[float, ...] = dataclasses.field(metadata=dict(static=True),
+                                                default=())
+  rsloras: tuple[bool, ...] = dataclasses.field(metadata=dict(static=True),
+                                                default=())
+
+  @property
+  def scales(self) -> tuple[float, ...]:
+    """Each adapter's scale; 0 for one that does not adapt this kernel."""
+    return tuple(
+        0.0 if r == 0 else (al / math.sqrt(r) if rs else al / r)
+        for r, al, rs in zip(self.ranks, self.alphas, self.rsloras))
+
+  @property
+  def scale(self) -> float:
+    raise TypeError(
+        f"MultiLoRA node '{self.path}' holds {len(self.names)} adapters with"
+        f" scales {self.scales}; pick one with jlora.unstack_adapters")
+
+  def delta(self, dtype=None) -> Array:
+    raise TypeError(
+        f"MultiLoRA node '{self.path}' holds adapters {list(self.names)} and no"
+        " single fused kernel; run it with jlora.wrap(fn)(...,"
+        " adapter_ids=ids), or take one adapter with"
+        " jlora.unstack_adapters(tree) before merging or saving")
+
+
+def is_multi(x: Any) -> bool:
+  return isinstance(x, MultiLoRA)
+
+
+def check_single(node: LoRA, what: str) -> None:
+  """Raises TypeError for a `MultiLoRA` node, which `what` cannot take."""
+  if is_multi(node):
+    raise TypeError(
+        f"{what} takes single adapters, but '{node.path}' stacks"
+        f" {list(node.names)}; split them with jlora.unstack_adapters(tree)"
+        " and pass one")

@@ -44,7 +44,8 @@ from jlora import _paths
 from jlora import _peft_config as cfg
 from jlora._peft_config import PeftFormatError
 from jlora.inject import _adapter_shardings
-from jlora.node import LoRA, base_array, default_layout, is_lora
+from jlora.node import (LoRA, base_array, check_single, default_layout,
+                        is_lora)
 from jlora.targets import HEAD_PATTERN, is_matrix
 
 __all__ = ["PeftFormatError", "load", "module_names", "save"]
@@ -179,6 +180,9 @@ def save(tree: Any, directory: str | os.PathLike, *,
   """
   from safetensors.numpy import save_file
 
+  for _, x in _paths.leaves_with_path(tree):
+    if is_lora(x):
+      check_single(x, "jlora.peft.save")
   modules = list(_modules(tree, layers_key))
   nodes = [(m.path, m.leaf) for m in modules if is_lora(m.leaf)]
   if not nodes:

@@ -9,7 +9,7 @@ import jax
 
 from jlora import _paths
 from jlora._quant_array import is_quantized
-from jlora.node import is_lora
+from jlora.node import is_lora, is_multi
 from jlora.partition import partition
 
 
@@ -48,8 +48,13 @@ def summary(tree: Any) -> str:
   for path, node in _paths.leaves_with_path(tree):
     if is_lora(node):
       size = _size((node.a, node.b))
-      rows.append((path, str(tuple(node.shape)), node.layout, str(node.rank),
-                   f"{node.scale:g}", f"{size:,}"))
+      if is_multi(node):  # one rank and scale per stacked adapter
+        rank = "/".join(str(r) for r in node.ranks)
+        scale = "/".join(f"{s:g}" for s in node.scales)
+      else:
+        rank, scale = str(node.rank), f"{node.scale:g}"
+      rows.append((path, str(tuple(node.shape)), node.layout, rank, scale,
+                   f"{size:,}"))
   c = count(tree)
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]

@@ -12,7 +12,7 @@ from jlora._factored import Factored
 from jlora._interpreter import eval_jaxpr
 from jlora._paths import is_leaf
 from jlora._quant_array import is_quantized
-from jlora.node import is_lora
+from jlora.node import is_lora, is_multi
 
 
 def _is_dynamic(x: Any) -> bool:
@@ -27,15 +27,37 @@ def _abstract(x: Any) -> Any:
   return x
 
 
-def _input(x: Any, rng) -> Any:
+def _input(x: Any, rng, ids) -> Any:
   if is_lora(x):
-    return Factored.from_node(x, rng)
+    return Factored.from_node(x, rng, ids)
   # A quantized kernel without an adapter is frozen: dequantize it once.
   return x.dequantize() if is_quantized(x) else x
 
 
 def _node_rng(rng, index: int):
   return None if rng is None else jax.random.fold_in(rng, index)
+
+
+def _check_ids(ids: Any, nodes: list) -> jax.Array:
+  if not nodes:
+    raise ValueError(
+        "adapter_ids was given but the arguments hold no stacked adapters;"
+        " build them with jlora.stack_adapters(adapter_set)")
+  traced = isinstance(ids, jax.core.Tracer)
+  checked = ids if traced else np.asarray(ids)
+  if checked.ndim != 1 or not np.issubdtype(checked.dtype, np.integer):
+    raise ValueError(
+        f"adapter_ids must be a 1-D integer array (one adapter index per"
+        f" example), got shape {checked.shape} and dtype {checked.dtype}")
+  n = {len(x.names) for x in nodes}
+  if not traced:
+    high = int(checked.max(initial=-1))
+    if high >= min(n):
+      raise ValueError(
+          f"adapter_ids holds index {high}, but the stacked adapters are"
+          f" {list(nodes[0].names)} (indices 0..{min(n) - 1}; -1 runs the"
+          " bare base)")
+  return jax.numpy.asarray(ids)
 
 
 def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -60,6 +82,12 @@ def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
   the adapter path, never the base product. Without it the call is
   deterministic.
 
+  Mixed-adapter batches: with `MultiLoRA` nodes (`jlora.stack_adapters`) in
+  the arguments, pass ``adapter_ids`` (B,) ints: example ``k`` runs adapter
+  ``ids[k]`` (``-1``: the bare base), all in one batched gather-matmul per
+  kernel. The batch axis is the first uncontracted axis of each adapted
+  product's input; a flattened (B * T, features) input works too.
+
   Example:
     >>> forward = jlora.wrap(model.apply)
     >>> logits = forward({"params": lp}, x)
@@ -70,9 +98,12 @@ def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
   """
 
   @functools.wraps(fn)
-  def wrapped(*args, lora_rng: jax.Array | None = None, **kwargs):
+  def wrapped(*args, lora_rng: jax.Array | None = None,
+              adapter_ids: jax.Array | None = None, **kwargs):
     leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_leaf)
     dynamic = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
+    if adapter_ids is not None:
+      adapter_ids = _check_ids(adapter_ids, [x for x in leaves if is_multi(x)])
     if not any(is_leaf(leaves[i]) for i in dynamic):
       return fn(*args, **kwargs)
 
@@ -85,7 +116,7 @@ def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
         *[_abstract(leaves[i]) for i in dynamic])
-    inputs = [_input(leaves[i], _node_rng(lora_rng, n))
+    inputs = [_input(leaves[i], _node_rng(lora_rng, n), adapter_ids)
               for n, i in enumerate(dynamic)]
     outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs, fuse_outputs=True)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)

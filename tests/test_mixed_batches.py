@@ -1,0 +1,337 @@
+"""Mixed-adapter batches: `stack_adapters` + ``wrap(..., adapter_ids=ids)``.
+
+References: float64 NumPy forwards of each example with its own adapter
+fused (`helpers.np_fused`), per-adapter gradients and training runs taken one
+adapter at a time, and the trees that went in (bit-exact round trips).
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jlora
+from jlora.models import LlamaForCausalLM, ModelConfig, generate
+from jlora.node import is_lora, is_multi
+from helpers import np_fused, randomize_b
+
+KEY = jax.random.key(0)
+
+
+class MLP(nn.Module):
+  flatten: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    shape = x.shape
+    if self.flatten:  # (B, T, F) -> (B * T, F), as some models do
+      x = x.reshape(-1, shape[-1])
+    h = nn.relu(nn.Dense(16, name="up")(x))
+    y = nn.Dense(5, name="down")(h)
+    return y.reshape(*shape[:-1], 5) if self.flatten else y
+
+
+X = np.asarray(jax.random.normal(jax.random.key(1), (6, 3, 8)), np.float32)
+PARAMS = MLP().init(KEY, X)["params"]
+
+
+def _lora(seed, **kw):
+  lp = jlora.apply(PARAMS, key=jax.random.key(seed), **kw)
+  return randomize_b(lp, jax.random.key(seed + 100))
+
+
+@pytest.fixture(scope="module")
+def three():
+  """Three adapters: other ranks, an rsLoRA one, one adapting 'up' only."""
+  s = jlora.add_adapter(PARAMS, "r2", _lora(1, rank=2, alpha=3.0))
+  s = jlora.add_adapter(s, "r4rs", _lora(2, rank=4, alpha=2.0, rslora=True))
+  return jlora.add_adapter(s, "up1", _lora(3, rank=1, targets="up"))
+
+
+def np_forward(p, x):
+  """float64 MLP forward; `p` plain params or a LoRA tree."""
+  k = lambda layer: (np_fused(p[layer]["kernel"]) if is_lora(
+      p[layer]["kernel"]) else np.asarray(p[layer]["kernel"], np.float64))
+  h = np.maximum(x @ k("up") + np.asarray(p["up"]["bias"], np.float64), 0)
+  return h @ k("down") + np.asarray(p["down"]["bias"], np.float64)
+
+
+def np_mixed(s, names, ids, x):
+  x = np.asarray(x, np.float64)
+  return np.stack([
+      np_forward(jlora.select(s, names[i] if i >= 0 else None), x[k])
+      for k, i in enumerate(ids)])
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("flatten", [False, True])
+def test_each_example_runs_its_own_adapter(three, jit, flatten):
+  names = ["r2", "r4rs", "up1"]
+  stacked = jlora.stack_adapters(three, names)
+  ids = np.array([2, 0, -1, 1, 1, 0], np.int32)
+  forward = jlora.wrap(MLP(flatten).apply)
+  if jit:
+    forward = jax.jit(forward)
+  got = forward({"params": stacked}, X, adapter_ids=ids)
+  want = np_mixed(three, names, ids, X)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  # Every example differs from the base unless its id is -1.
+  base = np_forward(PARAMS, np.asarray(X, np.float64))
+  moved = np.abs(want - base).max(axis=(1, 2)) > 1e-3
+  np.testing.assert_array_equal(moved, ids >= 0)
+
+
+def test_stacked_nodes_hold_padded_factors(three):
+  stacked = jlora.stack_adapters(three)
+  up, down = stacked["up"]["kernel"], stacked["down"]["kernel"]
+  assert is_multi(up) and is_multi(down)
+  assert up.names == ("r2", "r4rs", "up1") and up.ranks == (2, 4, 1)
+  assert down.ranks == (2, 4, 0)  # "up1" does not adapt 'down'
+  assert up.a.shape == (3, 8, 4) and up.b.shape == (3, 4, 16)
+  assert up.scales == pytest.approx((1.5, 1.0, 1.0))
+  assert up.w is three.base["up"]["kernel"]
+  np.testing.assert_array_equal(np.asarray(up.a[0, :, 2:]), 0)
+  np.testing.assert_array_equal(np.asarray(down.b[2]), 0)
+  # The wrapped set (stacked on each call) gives the same outputs.
+  ids = np.array([0, 1, 2, 0, 1, 2], np.int32)
+  a = jlora.wrap(MLP().apply)({"params": stacked}, X, adapter_ids=ids)
+  b = jlora.wrap_adapter(MLP().apply)({"params": three}, X, adapter_ids=ids)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_unstack_inverts_stack_bit_exact(three):
+  back = jlora.unstack_adapters(jlora.stack_adapters(three))
+  assert back.names == three.names
+  for name in three.names:
+    got, want = jlora.select(back, name), jlora.select(three, name)
+    assert jax.tree.structure(got, is_leaf=is_lora) == jax.tree.structure(
+        want, is_leaf=is_lora)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_adalora_gains_are_folded_into_b():
+  lp = _lora(4, rank=3)
+  e = jnp.array([2.0, 0.0, -0.5])
+  lp = jax.tree.map(lambda n: dataclasses.replace(n, e=e) if is_lora(n) else n,
+                    lp, is_leaf=is_lora)
+  s = jlora.add_adapter(PARAMS, "ada", lp)
+  ids = np.zeros(6, np.int32)
+  got = jlora.wrap(MLP().apply)({"params": jlora.stack_adapters(s)}, X,
+                                adapter_ids=ids)
+  np.testing.assert_allclose(np.asarray(got), np_forward(lp, X.astype(
+      np.float64)), rtol=1e-5, atol=1e-5)
+
+
+def _loss(apply, tree, x, **kw):
+  return jnp.sum(jnp.square(apply({"params": tree}, x, **kw)))
+
+
+def test_gradients_reach_each_adapter_from_its_examples_only(three):
+  names = ["r2", "r4rs", "up1"]
+  ids = np.array([1, 1, 0, -1, 1, 0], np.int32)
+  forward = jlora.wrap(MLP().apply)
+  trainable, frozen = jlora.partition(jlora.stack_adapters(three, names))
+  grads = jax.jit(jax.grad(lambda t: _loss(
+      forward, jlora.combine(t, frozen), X, adapter_ids=ids)))(trainable)
+  for i, name in enumerate(names):
+    single_t, single_f = jlora.partition(jlora.select(three, name))
+    rows = ids == i
+    if rows.any():
+      want = jax.grad(lambda t: _loss(forward, jlora.combine(t, single_f),
+                                      X[rows]))(single_t)
+    else:
+      want = jax.tree.map(jnp.zeros_like, single_t)
+    for layer in ("up", "down"):
+      g, w = grads[layer]["kernel"], want[layer]["kernel"]
+      r = g.ranks[i]
+      if w is None:
+        assert r == 0
+        continue
+      np.testing.assert_allclose(np.asarray(g.a[i, :, :r]), np.asarray(w.a),
+                                 rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(np.asarray(g.b[i, :r]), np.asarray(w.b),
+                                 rtol=1e-4, atol=1e-5)
+      # Padded ranks get no gradient, so they stay zero under training.
+      np.testing.assert_array_equal(np.asarray(g.a[i, :, r:]), 0)
+      np.testing.assert_array_equal(np.asarray(g.b[i, r:]), 0)
+  # "up1" has no example: its factors get exactly zero gradient.
+  np.testing.assert_array_equal(np.asarray(grads["up"]["kernel"].b[2]), 0)
+
+
+def test_training_a_stack_equals_training_each_adapter_alone(three):
+  """Adam is per-parameter and the summed loss separates by adapter."""
+  names = ["r2", "r4rs"]
+  ids = np.array([0, 1, 1, 0, 0, 1], np.int32)
+  forward = jlora.wrap(MLP().apply)
+  tx = optax.adam(1e-2)
+
+  def train(tree, x, **kw):
+    trainable, frozen = jlora.partition(tree)
+    state = tx.init(trainable)
+
+    @jax.jit
+    def step(trainable, state):
+      g = jax.grad(lambda t: _loss(forward, jlora.combine(t, frozen), x,
+                                   **kw))(trainable)
+      updates, state = tx.update(g, state)
+      return optax.apply_updates(trainable, updates), state
+
+    for _ in range(5):
+      trainable, state = step(trainable, state)
+    return jlora.combine(trainable, frozen)
+
+  trained = jlora.unstack_adapters(
+      train(jlora.stack_adapters(three, names), X, adapter_ids=ids))
+  for i, name in enumerate(names):
+    alone = train(jlora.select(three, name), X[ids == i])
+    got = jlora.select(trained, name)
+    for layer in ("up", "down"):
+      for f in ("a", "b"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(got[layer]["kernel"], f)),
+            np.asarray(getattr(alone[layer]["kernel"], f)), rtol=2e-4,
+            atol=2e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 5), ranks=st.lists(st.integers(1, 4), min_size=1,
+                                               max_size=4),
+       seed=st.integers(0, 2**16), dtype=st.sampled_from(["float32",
+                                                          "bfloat16"]))
+def test_mixed_batch_matches_float64_property(batch, ranks, seed, dtype):
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=(7, 6)).astype(dtype)
+  s = jlora.AdapterSet({"kernel": jnp.asarray(w)}, {}, None)
+  for k, r in enumerate(ranks):
+    lp = randomize_b(jlora.apply({"kernel": jnp.asarray(w)}, rank=r,
+                                 alpha=float(k + 1),
+                                 key=jax.random.key(seed + k)),
+                     jax.random.key(seed + 50 + k))
+    s = jlora.add_adapter(s, f"a{k}", lp)
+  ids = rng.integers(-1, len(ranks), size=batch).astype(np.int32)
+  x = rng.normal(size=(batch, 3, 7)).astype(dtype)
+  got = jax.jit(jlora.wrap(lambda p, x: x @ p["kernel"]))(
+      jlora.stack_adapters(s), x, adapter_ids=ids)
+  nodes = [jlora.select(s, n)["kernel"] for n in s.names]
+  want = np.stack([
+      np.asarray(x[k], np.float64) @ (np_fused(nodes[i]) if i >= 0 else
+                                      np.asarray(w, np.float64))
+      for k, i in enumerate(ids)])
+  tol = 1e-5 if dtype == "float32" else 6e-2
+  scale = max(1.0, float(np.abs(want).max()))
+  np.testing.assert_allclose(np.asarray(got, np.float64), want,
+                             atol=tol * scale, rtol=tol)
+
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                  num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def llama():
+  model = LlamaForCausalLM(CFG, scan_layers=True, remat="matmuls")
+  tokens = jax.random.randint(jax.random.key(3), (4, 6), 0, CFG.vocab_size)
+  params = model.init(KEY, tokens)["params"]
+  s = jlora.AdapterSet(params, {}, None)
+  for k, targets in enumerate(["q_proj|v_proj", "all-linear"]):
+    lp = jlora.apply(params, rank=4 + 4 * k, key=jax.random.key(10 + k),
+                     targets=targets)
+    s = jlora.add_adapter(s, f"task{k}", randomize_b(
+        lp, jax.random.key(20 + k), std=0.3))
+  return model, tokens, s
+
+
+def test_llama_scan_remat_logits_and_generation(llama):
+  model, tokens, s = llama
+  ids = np.array([1, -1, 0, 1], np.int32)
+  forward = jax.jit(jlora.wrap(model.apply))
+  got = forward({"params": jlora.stack_adapters(s)}, tokens, adapter_ids=ids)
+  for k, i in enumerate(ids):
+    tree = jlora.select(s, s.names[i] if i >= 0 else None)
+    want = forward({"params": tree}, tokens[k:k + 1])
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[0]),
+                               rtol=2e-4, atol=2e-4)
+  # Decoding with a KV cache: one token per step, each row its own adapter.
+  out = generate(model, jlora.stack_adapters(s), tokens, max_new_tokens=4,
+                 apply_fn=functools.partial(jlora.wrap(model.apply),
+                                            adapter_ids=ids))
+  for k, i in enumerate(ids):
+    tree = jlora.select(s, s.names[i] if i >= 0 else None)
+    want = generate(model, tree, tokens[k:k + 1], max_new_tokens=4,
+                    apply_fn=jlora.wrap(model.apply))
+    np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(want[0]))
+
+
+def test_sharded_mixed_batch_matches_one_device(three):
+  devices = np.array(jax.devices()[:8])
+  if devices.size < 2:
+    pytest.skip("needs several devices")
+  mesh = Mesh(devices.reshape(-1), ("data",))
+  x = np.concatenate([X, X[:2]])  # 8 examples, one per device
+  ids = np.array([0, 1, 2, -1, 2, 1, 0, 0], np.int32)
+  stacked = jlora.stack_adapters(three)
+  want = jlora.wrap(MLP().apply)({"params": stacked}, x, adapter_ids=ids)
+  data = NamedSharding(mesh, P("data"))
+  forward = jax.jit(jlora.wrap(MLP().apply), out_shardings=data)
+  got = forward({"params": stacked}, jax.device_put(x, data),
+                adapter_ids=jax.device_put(ids, data))
+  assert got.sharding.is_equivalent_to(data, got.ndim)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_errors_name_the_problem(three, tmp_path):
+  stacked = jlora.stack_adapters(three)
+  forward = jlora.wrap(MLP().apply)
+  with pytest.raises(ValueError, match="adapter_ids=ids"):
+    forward({"params": stacked}, X)
+  with pytest.raises(ValueError, match="stack_adapters"):
+    forward({"params": jlora.select(three, "r2")}, X,
+            adapter_ids=np.zeros(6, np.int32))
+  with pytest.raises(ValueError, match=r"index 3.*0\.\.2"):
+    forward({"params": stacked}, X, adapter_ids=np.array([3, 0, 0, 0, 0, 0]))
+  with pytest.raises(ValueError, match="1-D integer"):
+    forward({"params": stacked}, X, adapter_ids=np.zeros((6, 1), np.int32))
+  with pytest.raises(ValueError, match="1-D integer"):
+    forward({"params": stacked}, X, adapter_ids=np.zeros(6, np.float32))
+  with pytest.raises(ValueError, match="up/kernel.*batch"):
+    forward({"params": stacked}, X, adapter_ids=np.zeros(4, np.int32))
+  with pytest.raises(TypeError, match="unstack_adapters"):
+    jlora.merge(stacked)
+  with pytest.raises(TypeError, match="save_adapter.*unstack_adapters"):
+    jlora.save_adapter(tmp_path / "a", stacked)
+  with pytest.raises(TypeError, match="peft.save.*unstack_adapters"):
+    jlora.peft.save(stacked, tmp_path / "p")
+  with pytest.raises(TypeError, match="add_adapter.*unstack_adapters"):
+    jlora.add_adapter(three, "again", stacked)
+  # A use other than a matrix product cannot run per-example adapters.
+  with pytest.raises(TypeError, match="up/kernel.*matrix product"):
+    jlora.wrap(lambda p, x: x @ (p["up"]["kernel"] * 2.0))(
+        stacked, X, adapter_ids=np.zeros(6, np.int32))
+  dora = jlora.add_adapter(PARAMS, "d", _lora(5, rank=2, dora=True))
+  with pytest.raises(ValueError, match="DoRA"):
+    jlora.stack_adapters(dora)
+  with pytest.raises(KeyError, match="nope"):
+    jlora.stack_adapters(three, ["r2", "nope"])
+  with pytest.raises(ValueError, match="repeat"):
+    jlora.stack_adapters(three, ["r2", "r2"])
+  with pytest.raises(ValueError, match="no MultiLoRA"):
+    jlora.unstack_adapters(jlora.select(three, "r2"))
+
+
+def test_summary_and_count_of_a_stack(three):
+  stacked = jlora.stack_adapters(three)
+  text = jlora.summary(stacked)
+  assert "2/4/1" in text and "1.5/1/1" in text
+  want = sum(int(np.prod(x.shape)) for n in ("up", "down")
+             for x in (stacked[n]["kernel"].a, stacked[n]["kernel"].b))
+  assert jlora.count(stacked).trainable == want
