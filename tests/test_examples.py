@@ -100,3 +100,17 @@ def test_checkpointing_example_round_trips():
   expected_mb = layers * per_layer * 2 / 1e6
   reported = float(re.search(r"bf16: ([0-9.]+) MB", out).group(1))
   assert abs(reported - expected_mb) < 0.1
+
+
+def test_multi_adapter_example_mixes_adapters_per_example():
+  out = _run_small("multi_adapter.py", "--steps", "150")
+  diffs = re.findall(r"(base|A|B) +\d+ examples, max \|difference\| (\S+)",
+                     out)
+  assert [d[0] for d in diffs] == ["base", "A", "B"]
+  assert all(float(d[1]) < 1e-5 for d in diffs)
+  # Each trained adapter fits its own task far better than the bare base.
+  rows = {m[0].strip(): [float(v) for v in m[1:]] for m in re.findall(
+      r"^(base \(no adapter\)|adapter A|adapter B) +(\S+) +(\S+) +(\S+)$", out,
+      re.M)}
+  assert rows["adapter A"][0] < rows["base (no adapter)"][0] / 5
+  assert rows["adapter B"][1] < rows["base (no adapter)"][1] / 5
