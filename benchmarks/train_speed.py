@@ -12,13 +12,15 @@ jlora systems are `jlora.models.LlamaForCausalLM` (bf16, scan over layers,
 cuDNN attention with is_causal on GPU) with LoRA through `jlora.apply` +
 `jlora.wrap`, and differ in:
   remat    what the backward pass keeps ("none", "full", "attention",
-           "attention+gate", "matmuls", "dots"; see LlamaForCausalLM)
+           "attention+gate", "mlp", "matmuls", "dots"; see LlamaForCausalLM)
   ce       0: logits (B, T, vocab) in float32 + log-softmax cross-entropy;
            n: `jlora.models.losses.chunked_cross_entropy` over n-token chunks
   offload  checkpoint names kept in pinned host memory ("+"-joined)
   mb       micro-batches: gradient accumulation inside the jitted step over
            mb equal slices of the batch (same batch, loss and gradient)
   scan     1 (default): nn.scan over layers; 0: unrolled layers
+  share    1 (default): adapters reading one input share one A product
+           (`jlora.wrap(share_inputs=True)`); 0: one product per kernel
   flags    named XLA flag sets (XLA_FLAGS), e.g. notriton
 A system is a preset name from VARIANTS or a spec such as
 "remat=matmuls/ce=2048/offload=gate_proj+up_proj/mb=2".
@@ -62,6 +64,7 @@ VARIANTS = {
   "dots": dict(remat="dots", ce=1024),
   "attention": dict(remat="attention", ce=1024),
   "attention+gate": dict(remat="attention+gate", ce=1024),
+  "mlp": dict(remat="mlp", ce=1024),
   "matmuls": dict(remat="matmuls", ce=1024),
   "offload": dict(remat="attention", ce=1024, offload="gate_proj+up_proj"),
   # "matmuls" less q_proj and o_proj (recomputed: the smaller matmuls).
@@ -72,7 +75,7 @@ VARIANTS = {
 }
 DEFAULT_SYSTEMS = {
   "1b": "peft_compile,base,ce,matmuls,attention,full",
-  "8b": "peft_compile,kv+mlp,matmuls,attention+gate,full",
+  "8b": "peft_compile,mlp,kv+mlp,matmuls,attention+gate,full",
   "tiny": "peft_compile,base,ce,full,attention,attention+gate,matmuls,offload",
 }
 
@@ -85,13 +88,13 @@ def parse_system(name: str) -> dict:
   for part in name.split("/"):
     key, _, value = part.partition("=")
     if key not in ("remat", "ce", "offload", "attention", "scan", "flags",
-                   "mb"):
+                   "mb", "share"):
       raise SystemExit(
         f"unknown system {name!r}: use peft_compile, one of {sorted(VARIANTS)}"
         " or a spec like 'remat=matmuls/ce=2048/offload=up_proj/scan=0/"
         f"flags=notriton' (flags from {sorted(XLA_FLAGS)})"
       )
-    opts[key] = int(value) if key in ("ce", "scan", "mb") else value
+    opts[key] = int(value) if key in ("ce", "scan", "mb", "share") else value
   for flag in opts.get("flags", "").split("+"):
     if flag and flag not in XLA_FLAGS:
       raise SystemExit(f"unknown flags {flag!r}; use {sorted(XLA_FLAGS)}")
@@ -153,7 +156,7 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
     trainable, frozen = jlora.partition(lp)
     return trainable, frozen, tx.init(trainable)
 
-  forward = jlora.wrap(model.apply)
+  forward = jlora.wrap(model.apply, share_inputs=bool(opts.get("share", 1)))
   chunk = opts["ce"]
 
   def loss_fn(t, frozen, inputs, labels):

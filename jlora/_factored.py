@@ -16,9 +16,10 @@ pass), so a stacked kernel is never dequantized whole.
 
 from __future__ import annotations
 
+import itertools
 import math
 import string
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -225,8 +226,8 @@ class Factored:
       fused = fused * self.gain.astype(fused.dtype)
     return fused
 
-  def dot_general(self, x, kernel_is_rhs: bool, params: dict, bind):
-    """``dot_general(x, kernel)`` (or kernel, x) computed factored."""
+  def _plan(self, x, kernel_is_rhs: bool, params: dict) -> "_Plan":
+    """einsum letters of ``dot_general(x, kernel)``'s factored form."""
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     if kernel_is_rhs:
       xc, kc, xb, kb = lc, rc, lb, rb
@@ -234,8 +235,6 @@ class Factored:
       xc, kc, xb, kb = rc, lc, rb, lb
     xc, kc, xb, kb = (tuple(int(i) for i in t) for t in (xc, kc, xb, kb))
     self._check_contraction(kc, kb)
-    base = self._base_product(x, kernel_is_rhs, bind)
-
     letters = iter(string.ascii_letters)
     xl = [next(letters) for _ in range(x.ndim)]
     kl: list[str | None] = [None] * len(self.roles)
@@ -252,6 +251,33 @@ class Factored:
     k_free = [kl[j] for j in range(len(kl)) if j not in kc and j not in kb]
     batch = [xl[i] for i in xb]
     out = batch + (x_free + k_free if kernel_is_rhs else k_free + x_free)
+    example = next((i for i in range(x.ndim) if i not in xc and i not in xb),
+                   None)
+    return _Plan(xl, kl, al, bl, tl, out, example)
+
+  def shares_input_product(self, x, kernel_is_rhs: bool, params: dict):
+    """The key under which kernels may share one ``x @ [a_1, a_2, ...]``.
+
+    None when this kernel's adapter input is its own (dropout, per-example
+    adapters).
+    """
+    if self.group_scales or self.rng is not None:
+      return None
+    plan = self._plan(x, kernel_is_rhs, params)
+    return (tuple(plan.xl), tuple(plan.al), tuple(plan.tl),
+            tuple(self.a.shape[:-1]), jnp.dtype(self.w.dtype))
+
+  def dot_general(self, x, kernel_is_rhs: bool, params: dict, bind, t=None):
+    """``dot_general(x, kernel)`` (or kernel, x) computed factored.
+
+    `t`, when given, is this kernel's ``x @ a`` computed already (shared
+    with other kernels that read the same `x`).
+    """
+    plan = self._plan(x, kernel_is_rhs, params)
+    xl, kl, al, bl, tl, out = (plan.xl, plan.kl, plan.al, plan.bl, plan.tl,
+                               plan.out)
+    r = al[-1]
+    base = self._base_product(x, kernel_is_rhs, bind)
 
     dtype = self.w.dtype
     out_dtype = params.get("preferred_element_type") or base.dtype
@@ -260,16 +286,16 @@ class Factored:
     if self.group_scales:
       # Punica/S-LoRA's batched gather-matmul: each example's own (in, r)
       # and (r, out) factors are gathered and multiplied batch-wise.
-      example = next((i for i in range(x.ndim) if i not in xc and i not in xb),
-                     None)
+      example = plan.example
       a, b, scale = self._gather_adapters(x, example)
       al = al[:-1] + [xl[example], r]
       bl = bl[:-1] + [xl[example], r]
       scale = scale.astype(out_dtype).reshape(
           [-1 if l == xl[example] else 1 for l in tl])
-    t = jnp.einsum(f"{''.join(xl)},{''.join(al)}->{''.join(tl)}",
-                   self._dropout(x), a.astype(dtype), precision=precision,
-                   preferred_element_type=out_dtype)
+    if t is None:
+      t = jnp.einsum(f"{''.join(xl)},{''.join(al)}->{''.join(tl)}",
+                     self._dropout(x), a.astype(dtype), precision=precision,
+                     preferred_element_type=out_dtype)
     t = (t * scale).astype(dtype)
     delta = jnp.einsum(f"{''.join(tl)},{''.join(bl)}->{''.join(out)}", t,
                        b.astype(dtype), precision=precision,
@@ -353,6 +379,37 @@ class Factored:
         f" input axes are {[k for k, r in enumerate(self.layout) if r == 'i']}."
         f" Re-create the adapter with jlora.apply(...,"
         f" layout={{{self.path!r}: {suggestion!r}}}).")
+
+
+class _Plan(NamedTuple):
+  xl: list
+  kl: list
+  al: list
+  bl: list
+  tl: list
+  out: list
+  example: int | None
+
+
+def shared_input_products(kernels, x, kernel_is_rhs: bool, params: dict):
+  """``x @ a_k`` of several kernels reading the same `x`, as one matmul.
+
+  Kernels whose adapters read one input (q/k/v projections, gate/up) have
+  their ``a`` factors concatenated along the rank axis, so `x` is read once
+  and the backward pass forms one ``x^T @ dt`` and one ``dt @ a^T`` instead
+  of one per kernel. Returns each kernel's ``t`` for `Factored.dot_general`.
+  """
+  first = kernels[0]
+  plan = first._plan(x, kernel_is_rhs, params)
+  dtype = first.w.dtype
+  out_dtype = params.get("preferred_element_type") or jnp.result_type(
+      x.dtype, dtype)
+  a = jnp.concatenate([k.a.astype(dtype) for k in kernels], axis=-1)
+  t = jnp.einsum(f"{''.join(plan.xl)},{''.join(plan.al)}->{''.join(plan.tl)}",
+                 x, a, precision=params.get("precision"),
+                 preferred_element_type=out_dtype)
+  splits = list(itertools.accumulate(k.a.shape[-1] for k in kernels))[:-1]
+  return jnp.split(t, splits, axis=-1)
 
 
 def _transpose(w, perm):

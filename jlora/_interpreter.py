@@ -17,7 +17,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.extend.core import primitives as prims
 
-from jlora._factored import Factored
+from jlora._factored import Factored, shared_input_products
 from jlora._quant_array import is_quantized
 from jlora.node import base_array
 
@@ -45,7 +45,14 @@ def bind(eqn, invals):
   return out if eqn.primitive.multiple_results else [out]
 
 
-def eval_jaxpr(jaxpr, consts, args, *, fuse_outputs: bool) -> list[Any]:
+# Unary ops that only re-lay a kernel out; `_SharedInputs` may run them
+# ahead of their turn to find every kernel a shared input meets.
+_LAYOUT_OPS = frozenset({"convert_element_type", "transpose", "reshape",
+                         "copy", "copy_p", "sharding_constraint"})
+
+
+def eval_jaxpr(jaxpr, consts, args, *, fuse_outputs: bool,
+               share: bool = True) -> list[Any]:
   env: dict[Any, Any] = {}
 
   def read(v):
@@ -55,60 +62,153 @@ def eval_jaxpr(jaxpr, consts, args, *, fuse_outputs: bool) -> list[Any]:
     if not isinstance(v, _DropVar):
       env[v] = value
 
-  for v, x in zip(jaxpr.constvars, consts):
-    write(v, x)
-  for v, x in zip(jaxpr.invars, args):
-    write(v, x)
-  for eqn in jaxpr.eqns:
+  def run(eqn):
     invals = [read(v) for v in eqn.invars]
     if any(_is_factored(x) for x in invals):
       rule = _RULES.get(eqn.primitive.name, _fuse_rule)
-      outs = rule(eqn, invals)
+      outs = rule(eqn, invals, share)
     else:
       outs = bind(eqn, invals)
     for v, x in zip(eqn.outvars, outs):
       write(v, x)
+
+  for v, x in zip(jaxpr.constvars, consts):
+    write(v, x)
+  for v, x in zip(jaxpr.invars, args):
+    write(v, x)
+  shared = _SharedInputs(jaxpr, env, run) if share else None
+  for i, eqn in enumerate(jaxpr.eqns):
+    if shared is None:
+      run(eqn)
+    elif i not in shared.done and not shared.run_group(i):
+      run(eqn)
   outs = [read(v) for v in jaxpr.outvars]
   return [_fused(x) for x in outs] if fuse_outputs else outs
 
 
-def _fuse_rule(eqn, invals):
+class _SharedInputs:
+  """Runs LoRA products that read the same input with one ``x @ [a...]``.
+
+  Matrix products in one jaxpr with the same input variable and the same
+  dimension numbers (q/k/v, gate/up) form a group. When the first of a
+  group is reached, the other members' kernels are brought up to date
+  (running the layout ops that lead to them early), and every member whose
+  kernel is factored with a compatible adapter is computed at once; the
+  rest run in their turn.
+  """
+
+  def __init__(self, jaxpr, env, run):
+    self.eqns, self.env, self.run = jaxpr.eqns, env, run
+    self.done: set[int] = set()
+    self.producer = {v: i for i, e in enumerate(self.eqns) for v in e.outvars}
+    by_input: dict[Any, list[int]] = {}
+    for i, e in enumerate(self.eqns):
+      if e.primitive.name != "dot_general":
+        continue
+      for side in (0, 1):
+        v = e.invars[side]
+        if not isinstance(v, _Literal):
+          key = (v, side, _params_key(e.params))
+          by_input.setdefault(key, []).append(i)
+    self.groups = {ids[0]: (key[1], ids) for key, ids in by_input.items()
+                   if len(ids) > 1}
+
+  def _value(self, v, depth: int = 4):
+    """`v`'s value, running the layout ops that make it if need be."""
+    if isinstance(v, _Literal):
+      return v.val
+    if v in self.env:
+      return self.env[v]
+    i = self.producer.get(v)
+    if i is None or depth == 0 or i in self.done:
+      return None
+    eqn = self.eqns[i]
+    if eqn.primitive.name not in _LAYOUT_OPS or len(eqn.invars) != 1:
+      return None
+    if self._value(eqn.invars[0], depth - 1) is None:
+      return None
+    self.run(eqn)
+    self.done.add(i)
+    return self.env[v]
+
+  def run_group(self, first: int) -> bool:
+    """Runs the group led by eqn `first` if it has >= 2 fusable members."""
+    if first not in self.groups:
+      return False
+    x_side, members = self.groups[first]
+    k_side = 1 - x_side
+    x = self.env.get(self.eqns[first].invars[x_side])
+    if x is None or _is_factored(x):
+      return False
+    params = self.eqns[first].params
+    kernel_is_rhs = k_side == 1
+    # Only the leader's kernel is certainly computed by now; the others are
+    # brought up to date if layout ops alone lead to them.
+    found: dict[Any, list] = {}
+    for i in members:
+      if i in self.done:
+        continue
+      kernel = self._value(self.eqns[i].invars[k_side])
+      if not _is_factored(kernel):
+        continue
+      key = kernel.shares_input_product(x, kernel_is_rhs, params)
+      if key is not None:
+        found.setdefault(key, []).append((i, kernel))
+    batch = max(found.values(), key=len, default=[])
+    if len(batch) < 2 or batch[0][0] != first:
+      return False
+    kernels = [k for _, k in batch]
+    ts = shared_input_products(kernels, x, kernel_is_rhs, params)
+    for (i, kernel), t in zip(batch, ts):
+      eqn = self.eqns[i]
+      y = kernel.dot_general(x, kernel_is_rhs, eqn.params,
+                             lambda *ops, eqn=eqn: bind(eqn, ops)[0], t=t)
+      self.env[eqn.outvars[0]] = y
+      self.done.add(i)
+    return True
+
+
+def _params_key(params) -> tuple:
+  return tuple(sorted((k, repr(v)) for k, v in params.items()))
+
+
+def _fuse_rule(eqn, invals, share=True):
   return bind(eqn, [_fused(x) for x in invals])
 
 
-def _dot_general_rule(eqn, invals):
+def _dot_general_rule(eqn, invals, share=True):
   lhs, rhs = invals
   if _is_factored(lhs) and _is_factored(rhs):
-    return _fuse_rule(eqn, invals)
+    return _fuse_rule(eqn, invals, share)
   kernel, x, kernel_is_rhs = (rhs, lhs, True) if _is_factored(rhs) else (
       lhs, rhs, False)
   return [kernel.dot_general(x, kernel_is_rhs, eqn.params,
                              lambda *ops: bind(eqn, ops)[0])]
 
 
-def _transpose_rule(eqn, invals):
+def _transpose_rule(eqn, invals, share=True):
   return [invals[0].transpose(eqn.params["permutation"])]
 
 
-def _convert_rule(eqn, invals):
+def _convert_rule(eqn, invals, share=True):
   dtype = eqn.params["new_dtype"]
   if not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
-    return _fuse_rule(eqn, invals)
+    return _fuse_rule(eqn, invals, share)
   return [invals[0].astype(dtype)]
 
 
-def _reshape_rule(eqn, invals):
+def _reshape_rule(eqn, invals, share=True):
   if eqn.params.get("dimensions") is None:
     out = invals[0].reshape(eqn.params["new_sizes"])
     if out is not None:
       return [out]
-  return _fuse_rule(eqn, invals)
+  return _fuse_rule(eqn, invals, share)
 
 
-def _kernel_passthrough_rule(eqn, invals):
+def _kernel_passthrough_rule(eqn, invals, share=True):
   """Ops that leave values unchanged (copies, sharding hints) act on w."""
   if len(invals) != 1:
-    return _fuse_rule(eqn, invals)
+    return _fuse_rule(eqn, invals, share)
   kernel = invals[0]
   w = kernel.w
   if is_quantized(w):
@@ -119,16 +219,16 @@ def _kernel_passthrough_rule(eqn, invals):
   return [kernel.replace(w=bind(eqn, [w])[0])]
 
 
-def _jit_rule(eqn, invals):
+def _jit_rule(eqn, invals, share=True):
   jaxpr, consts = _closed(eqn.params["jaxpr"])
-  return eval_jaxpr(jaxpr, consts, invals, fuse_outputs=False)
+  return eval_jaxpr(jaxpr, consts, invals, fuse_outputs=False, share=share)
 
 
-def _remat_rule(eqn, invals):
+def _remat_rule(eqn, invals, share=True):
   jaxpr, consts = _closed(eqn.params["jaxpr"])
 
   def body(*args):
-    return eval_jaxpr(jaxpr, consts, args, fuse_outputs=True)
+    return eval_jaxpr(jaxpr, consts, args, fuse_outputs=True, share=share)
 
   return jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"],
                         policy=eqn.params["policy"])(*invals)
@@ -153,7 +253,7 @@ def _closed(jaxpr):
   return jaxpr, ()
 
 
-def _scan_rule(eqn, invals):
+def _scan_rule(eqn, invals, share=True):
   p = eqn.params
   n_consts, n_carry = _scan_layout(p)
   consts = invals[:n_consts]
@@ -169,7 +269,7 @@ def _scan_rule(eqn, invals):
     x_vals = [t.slice_leading(*x) if t is not None else x
               for t, x in zip(templates, x_slices)]
     outs = eval_jaxpr(jaxpr, jaxpr_consts, [*consts, *carry, *x_vals],
-                      fuse_outputs=True)
+                      fuse_outputs=True, share=share)
     return outs[:n_carry], outs[n_carry:]
 
   carry, ys = lax.scan(body, init, xs_flat, length=p["length"],

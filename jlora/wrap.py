@@ -60,7 +60,8 @@ def _check_ids(ids: Any, nodes: list) -> jax.Array:
   return jax.numpy.asarray(ids)
 
 
-def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+def wrap(fn: Callable[..., Any], *, share_inputs: bool = True
+         ) -> Callable[..., Any]:
   """Makes `fn` LoRA-aware: same signature, kernels given as `LoRA` nodes.
 
   Inside the returned function every matrix product against a LoRA kernel is
@@ -118,7 +119,8 @@ def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         *[_abstract(leaves[i]) for i in dynamic])
     inputs = [_input(leaves[i], _node_rng(lora_rng, n), adapter_ids)
               for n, i in enumerate(dynamic)]
-    outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs, fuse_outputs=True)
+    outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs, fuse_outputs=True,
+                      share=share_inputs)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
   return wrapped

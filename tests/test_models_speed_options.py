@@ -85,6 +85,7 @@ def plain_f32():
     ("dots", ()),
     ("attention", ()),
     ("attention+gate", ()),
+    ("mlp", ()),
     ("matmuls", ()),
     (("q_proj", "attention", "up_proj"), ()),
     ("attention", ("gate_proj", "up_proj")),
@@ -194,6 +195,8 @@ def test_policies_save_what_they_say():
   assert saved(remat_policy("matmuls")) == set(CHECKPOINT_NAMES) - {
     "down_proj"
   }
+  assert saved(remat_policy("mlp")) == {"o_proj", "gate_proj", "up_proj"}
+  assert remat_policy("mlp")(attn_fwd) is False  # attention is recomputed
   # cuDNN attention's own residuals (output and softmax statistics) go with
   # the "attention" name; matmuls are never saved by a names policy.
   assert remat_policy("attention")(attn_fwd) is True
