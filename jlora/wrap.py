@@ -83,6 +83,12 @@ def wrap(fn: Callable[..., Any], *, share_inputs: bool = True
   the adapter path, never the base product. Without it the call is
   deterministic.
 
+  Adapters that read the same input with the same contraction (q/k/v
+  projections, gate/up) compute their ``x @ a`` as one product against the
+  concatenated factors, so the input is read once forward and backward;
+  ``share_inputs=False`` gives one product per kernel (same results up to
+  float rounding).
+
   Mixed-adapter batches: with `MultiLoRA` nodes (`jlora.stack_adapters`) in
   the arguments, pass ``adapter_ids`` (B,) ints: example ``k`` runs adapter
   ``ids[k]`` (``-1``: the bare base), all in one batched gather-matmul per

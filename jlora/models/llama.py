@@ -29,9 +29,8 @@ benchmarks/RESULTS.md):
                        "matmuls"                 0.110      9.6
                        "full"                    0.126      3.7
   8B, 2 x 2048         "matmuls"                 0.292     28.1
-                       ("k_proj", "v_proj", "attention",
-                        "gate_proj", "up_proj")  0.304     26.0
-                       "attention+gate"          0.314     24.7
+                       "mlp"                     0.307     25.5
+                       "attention+gate"          0.318     24.7
                        "full"                    0.357     17.8
 """
 
