@@ -299,10 +299,7 @@ def main() -> None:
           f"{r['tokens_per_s']:>12,.0f}{vs:>8}")
   out = dict(shape=args.shape, config=s, rank=args.rank,
              adapters=N_ADAPTERS, results=rows)
-  print("JSON " + json.dumps(out))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+  ts.emit_json(out, args.json)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ import zipfile
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # train_step, and jlora itself
 from train_step import (SHAPES, TARGETS, Result,  # noqa: E402
-                        base_parser, common_flags, floor_flops,
+                        base_parser, common_flags, emit_json, floor_flops,
                         matmul_tflops, run_jax, run_systems)
 
 SYSTEMS = ("jlora_nf4", "peft_qlora", "jlora", "jlora_nf4_host_opt")
@@ -286,10 +286,7 @@ def main() -> None:
           f"{r['loss_first']:>8.3f}->{r['loss_last']:.3f}")
   out = dict(shape=args.shape, config=s, rank=args.rank, alpha=args.alpha,
              matmul_tflops=tflops, floor_tflop=flops / 1e12, results=results)
-  print("JSON " + json.dumps(out))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+  emit_json(out, args.json)
 
 
 if __name__ == "__main__":

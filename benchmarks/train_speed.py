@@ -369,10 +369,7 @@ def main() -> None:
         json.dump(dict(shape=args.shape, partial=True, results=results,
                        matmul_tflops=tflops), f, indent=1)
   out = report(args, results, tflops)
-  print("JSON " + json.dumps(out))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+  ts.emit_json(out, args.json)
 
 
 if __name__ == "__main__":

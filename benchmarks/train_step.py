@@ -292,6 +292,15 @@ def run_peft(system: str, s: dict, rank: int, alpha: float, steps: int,
 
 # -- driver ------------------------------------------------------------------------
 
+def emit_json(out: dict, path: str | None) -> None:
+  """Prints ``JSON {...}`` (the line the device runs are read from) and
+  writes `out` to `path` when one is given."""
+  print("JSON " + json.dumps(out))
+  if path:
+    with open(path, "w") as f:
+      json.dump(out, f, indent=1)
+
+
 def common_flags(args) -> list[str]:
   return ["--shape", args.shape, "--rank", str(args.rank), "--alpha",
           str(args.alpha), "--steps", str(args.steps), "--warmup",
@@ -393,10 +402,7 @@ def main() -> None:
           f"{r['loss_first']:>9.3f}->{r['loss_last']:.3f}")
   out = dict(shape=args.shape, config=s, rank=args.rank, alpha=args.alpha,
              matmul_tflops=tflops, floor_tflop=flops / 1e12, results=results)
-  print("JSON " + json.dumps(out))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+  emit_json(out, args.json)
 
 
 if __name__ == "__main__":

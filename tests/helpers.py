@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-import jlora
 from jlora.node import is_lora
 
 

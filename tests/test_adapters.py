@@ -4,7 +4,6 @@ References: float64 NumPy forwards (`helpers.np_merge`) and the trees that
 went in (bit-exact, identity of the base arrays).
 """
 
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -16,7 +15,6 @@ import jlora
 from jlora.adapters import (AdapterSet, add_adapter, load_adapter_set,
                             remove_adapter, save_adapter_set, select,
                             set_active, wrap)
-from jlora.node import is_lora
 from helpers import np_merge, randomize_b, rel_err
 
 KEY = jax.random.key(0)

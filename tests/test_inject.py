@@ -1,6 +1,5 @@
 """`jlora.apply`: node shapes, init, layouts, rank checks, tree kinds."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -8,7 +8,6 @@ singular-vector pairs). DARE, random in both, is checked for
 reproducibility and against its definition.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ import jlora
 from jlora.adapters import add_adapter, select
 from jlora.merging import METHODS, combine_adapters
 from jlora.node import LoRA, is_lora
-from helpers import np_merge, rel_err
+from helpers import np_merge
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
