@@ -155,7 +155,14 @@ class _SharedInputs:
       if key is not None:
         found.setdefault(key, []).append((i, kernel))
     batch = max(found.values(), key=len, default=[])
-    if len(batch) < 2 or batch[0][0] != first:
+    if len(batch) >= 2 and batch[0][0] != first:
+      # The leader's kernel is not fusable (e.g. q plain, k and v adapted):
+      # the next member leads, once it is reached.
+      rest = [i for i in members if i > first and i not in self.done]
+      if len(rest) > 1:
+        self.groups[rest[0]] = (x_side, rest)
+      return False
+    if len(batch) < 2:
       return False
     kernels = [k for _, k in batch]
     ts = shared_input_products(kernels, x, kernel_is_rhs, params)

@@ -53,9 +53,13 @@ def _grads(lp, share):
       jax.grad(loss))(trainable)
 
 
-@pytest.mark.parametrize("targets", ["q|k|v", "q|v", "q"])
-def test_shared_products_match_separate_ones_and_float64(targets):
+@pytest.mark.parametrize("targets, n", [("^(q|k|v)/", 3), ("^(q|v)/", 2),
+                                        ("^(k|v)/", 2), ("^q/", 1)])
+def test_shared_products_match_separate_ones_and_float64(targets, n):
   lp = _lora(targets)
+  assert jlora.count(lp).trainable == sum(
+      2 * (8 + w) for name, w in (("q", 6), ("k", 6), ("v", 4))
+      if name in targets)
   (value, grads), jaxpr = _grads(lp, True)
   (value0, grads0), jaxpr0 = _grads(lp, False)
   np.testing.assert_allclose(float(value), float(value0), rtol=1e-6)
@@ -68,14 +72,13 @@ def test_shared_products_match_separate_ones_and_float64(targets):
   # n adapted kernels sharing X: one forward A product instead of n, and one
   # x^T @ dt instead of n in the backward pass (X is a constant here, so no
   # dt @ a^T is formed).
-  n = len(targets.split("|"))
   saved = 2 * (n - 1)
   assert len(dot_outputs(jaxpr0.jaxpr)) - len(dot_outputs(jaxpr.jaxpr)) == (
       saved)
 
 
 def test_adapters_with_dropout_keep_their_own_product():
-  lp = _lora("q|k", dropout=0.5)
+  lp = _lora("^(q|k)/", dropout=0.5)
   fn = jlora.wrap(QKV().apply)
   key = jax.random.key(7)
   a = fn({"params": lp}, X, lora_rng=key)
