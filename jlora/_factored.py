@@ -261,11 +261,14 @@ class Factored:
     None when this kernel's adapter input is its own (dropout, per-example
     adapters).
     """
-    if self.group_scales or self.rng is not None:
+    if self.rng is not None:
       return None
     plan = self._plan(x, kernel_is_rhs, params)
+    # Stacked adapters (one `jlora.wrap` call has one `adapter_ids`) share
+    # with stacks of as many adapters.
+    groups = len(self.group_scales)
     return (tuple(plan.xl), tuple(plan.al), tuple(plan.tl),
-            tuple(self.a.shape[:-1]), jnp.dtype(self.w.dtype))
+            tuple(self.a.shape[:-1]), jnp.dtype(self.w.dtype), groups)
 
   def dot_general(self, x, kernel_is_rhs: bool, params: dict, bind, t=None):
     """``dot_general(x, kernel)`` (or kernel, x) computed factored.
@@ -404,11 +407,17 @@ def shared_input_products(kernels, x, kernel_is_rhs: bool, params: dict):
   dtype = first.w.dtype
   out_dtype = params.get("preferred_element_type") or jnp.result_type(
       x.dtype, dtype)
-  a = jnp.concatenate([k.a.astype(dtype) for k in kernels], axis=-1)
-  t = jnp.einsum(f"{''.join(plan.xl)},{''.join(plan.al)}->{''.join(plan.tl)}",
+  al = plan.al
+  if first.group_scales:  # each kernel's per-example factors, gathered
+    factors = [k._gather_adapters(x, plan.example)[0] for k in kernels]
+    al = al[:-1] + [plan.xl[plan.example], al[-1]]
+  else:
+    factors = [k.a for k in kernels]
+  a = jnp.concatenate([f.astype(dtype) for f in factors], axis=-1)
+  t = jnp.einsum(f"{''.join(plan.xl)},{''.join(al)}->{''.join(plan.tl)}",
                  x, a, precision=params.get("precision"),
                  preferred_element_type=out_dtype)
-  splits = list(itertools.accumulate(k.a.shape[-1] for k in kernels))[:-1]
+  splits = list(itertools.accumulate(f.shape[-1] for f in factors))[:-1]
   return jnp.split(t, splits, axis=-1)
 
 

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jlora
 from jlora.models import LlamaForCausalLM, ModelConfig, generate
 from jlora.node import is_lora, is_multi
-from helpers import np_fused, randomize_b
+from helpers import dot_outputs, np_fused, randomize_b
 
 KEY = jax.random.key(0)
 
@@ -335,3 +335,42 @@ def test_summary_and_count_of_a_stack(three):
   want = sum(int(np.prod(x.shape)) for n in ("up", "down")
              for x in (stacked[n]["kernel"].a, stacked[n]["kernel"].b))
   assert jlora.count(stacked).trainable == want
+
+
+def test_stacked_adapters_share_input_products(three):
+  """q/k/v-style kernels with stacked adapters still share one A product."""
+  names = ["r2", "r4rs", "up1"]
+  ids = np.array([2, 0, -1, 1, 1, 0], np.int32)
+  # 'down' cut to 8 inputs, so that 'up' and 'down' can both read x.
+  square = dict(PARAMS)
+  square["down"] = {**PARAMS["down"], "kernel": PARAMS["down"]["kernel"][:8]}
+  s = jlora.AdapterSet(square, {}, None)
+  for n in names:
+    lp = jlora.select(three, n)
+    if "kernel" in lp["down"] and is_lora(lp["down"]["kernel"]):
+      d = lp["down"]["kernel"]
+      lp = {**lp, "down": {**lp["down"], "kernel": dataclasses.replace(
+          d, w=d.w[:8], a=d.a[:8])}}
+    s = jlora.add_adapter(s, n, lp)
+  stacked = jlora.stack_adapters(s, names)
+  f = lambda p, x: x @ p["up"]["kernel"] + jnp.pad(
+      x @ p["down"]["kernel"], [(0, 0), (0, 0), (0, 11)])
+  shared = jlora.wrap(f)(stacked, X, adapter_ids=ids)
+  alone = jlora.wrap(f, share_inputs=False)(stacked, X, adapter_ids=ids)
+  np.testing.assert_allclose(np.asarray(shared), np.asarray(alone),
+                             rtol=1e-6, atol=1e-6)
+  want = np.stack([
+      np.asarray(X[k], np.float64) @ np_fused_or_base(s, names, i, "up") +
+      np.pad(np.asarray(X[k], np.float64) @ np_fused_or_base(
+          s, names, i, "down"), [(0, 0), (0, 11)])
+      for k, i in enumerate(ids)])
+  np.testing.assert_allclose(np.asarray(shared), want, rtol=1e-5, atol=1e-5)
+  count = lambda share: len(dot_outputs(jax.make_jaxpr(
+      lambda p: jlora.wrap(f, share_inputs=share)(p, X, adapter_ids=ids))(
+          stacked).jaxpr))
+  assert count(False) - count(True) == 1
+
+
+def np_fused_or_base(s, names, i, layer):
+  node = jlora.select(s, names[i] if i >= 0 else None)[layer]["kernel"]
+  return np_fused(node) if is_lora(node) else np.asarray(node, np.float64)
