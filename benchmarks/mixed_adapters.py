@@ -11,7 +11,7 @@ HuggingFace PEFT's mixed-batch inference (``adapter_names=``) on PyTorch.
 Workloads (Llama-shaped model, bf16, scan over layers, random weights; LoRA
 r=16 alpha=32 on q, k, v, o, gate, up, down):
   prefill  forward of batch x seq tokens, logits of the last position (the
-           prompt pass of serving), jitted.
+           prompt pass of serving; cuDNN causal attention on GPU), jitted.
   decode   one generated token per example with a KV cache: the time per
            token of `jlora.models.generate`, from two runs of different
            lengths (so the prompt pass cancels out).
@@ -81,6 +81,10 @@ def run_jax(s: dict, rank: int, alpha: float, reps: int, decode_len: int,
       num_heads=s["heads"], num_kv_heads=s["kv_heads"], rms_norm_eps=1e-5,
       max_position_embeddings=max(s["seq"], prompt_len + 2 * decode_len))
   attention = "cudnn" if on_gpu else "xla"
+  # Prefill (no cache, no padding) runs cuDNN's causal kernel; decoding with
+  # a KV cache takes `jax.nn.dot_product_attention`'s own choice.
+  prefill_model = LlamaForCausalLM(cfg, jnp.bfloat16, jnp.bfloat16, True,
+                                   "none", attention)
   infer_model = LlamaForCausalLM(cfg, jnp.bfloat16, jnp.bfloat16, True,
                                  "none", "auto" if on_gpu else "xla")
   train_model = LlamaForCausalLM(cfg, jnp.bfloat16, jnp.bfloat16, True,
@@ -117,7 +121,7 @@ def run_jax(s: dict, rank: int, alpha: float, reps: int, decode_len: int,
   results = []
 
   # -- prefill: logits of the last position
-  forward = jlora.wrap(infer_model.apply)
+  forward = jlora.wrap(prefill_model.apply)
 
   @functools.partial(jax.jit, static_argnames=())
   def prefill(tree, x, adapter_ids):

@@ -325,22 +325,34 @@ def main(argv=None) -> dict:
   losses, evals = [], [(0, loss_before)]
   tokens_per_step = args.batch * args.seq_len
   bar = tqdm(range(1, args.steps + 1), desc="train", unit="step")
-  train_time, rate = 0.0, 0.0
+  started, rate = None, 0.0
+  # The step is dispatched asynchronously: the next batch is cut and put on
+  # the device while it runs, and the host reads a loss back only every
+  # `log_every` steps, so the accelerator never waits on Python.
+  log_every = 10
+  pending = put(random_windows(train_tokens, rng, args.batch, args.seq_len))
   for step in bar:
-    batch = put(random_windows(train_tokens, rng, args.batch, args.seq_len))
-    t0 = time.perf_counter()
+    batch = pending
     trainable, opt_state, loss = train_step(trainable, frozen, opt_state,
                                             batch)
-    losses.append(float(loss))  # waits for the step
-    if step > 1:  # the first step compiles; time the rest
-      train_time += time.perf_counter() - t0
-      rate = (step - 1) * tokens_per_step / train_time
-    if step % args.eval_every == 0 or step == args.steps:
+    if step < args.steps:
+      pending = put(random_windows(train_tokens, rng, args.batch,
+                                   args.seq_len))
+    losses.append(loss)
+    if step == 1:  # the first step compiles; time the rest
+      loss.block_until_ready()
+      started = time.perf_counter()
+    evaluate_now = step % args.eval_every == 0 or step == args.steps
+    if evaluate_now:
       evals.append((step, evaluate(eval_fn, trainable, frozen, eval_batches,
                                    put)))
-    bar.set_postfix(loss=f"{losses[-1]:.3f}", heldout=f"{evals[-1][1]:.3f}",
-                    tok_s=f"{rate:,.0f}")
+    if step > 1 and (evaluate_now or step % log_every == 0):
+      last = float(loss)  # waits for the step
+      rate = (step - 1) * tokens_per_step / (time.perf_counter() - started)
+      bar.set_postfix(loss=f"{last:.3f}", heldout=f"{evals[-1][1]:.3f}",
+                      tok_s=f"{rate:,.0f}")
   bar.close()
+  losses = [float(x) for x in jax.device_get(losses)]
 
   loss_after = evals[-1][1]
   print(f"after:  held-out loss {loss_after:.4f}, perplexity"
