@@ -374,3 +374,22 @@ def test_stacked_adapters_share_input_products(three):
 def np_fused_or_base(s, names, i, layer):
   node = jlora.select(s, names[i] if i >= 0 else None)[layer]["kernel"]
   return np_fused(node) if is_lora(node) else np.asarray(node, np.float64)
+
+
+def test_training_state_of_a_stack_checkpoints_and_resumes(three, tmp_path):
+  """A stack's trainable half and optimizer state go through Orbax intact."""
+  trainable, _ = jlora.partition(jlora.stack_adapters(three))
+  tx = optax.adam(1e-2)
+  opt_state = tx.init(trainable)
+  manager = jlora.CheckpointManager(tmp_path / "ckpt", async_save=False)
+  manager.save(3, trainable=trainable, opt_state=opt_state)
+  manager.close()
+  restored = jlora.CheckpointManager(tmp_path / "ckpt").restore(
+      like=(trainable, opt_state))
+  assert restored.step == 3
+  got = jax.tree.leaves(restored.trainable, is_leaf=is_lora)
+  want = jax.tree.leaves(trainable, is_leaf=is_lora)
+  for g, w in zip(got, want):
+    assert is_multi(g) and g.names == w.names and g.ranks == w.ranks
+    np.testing.assert_array_equal(np.asarray(g.a), np.asarray(w.a))
+    np.testing.assert_array_equal(np.asarray(g.b), np.asarray(w.b))
