@@ -289,12 +289,13 @@ class Factored:
     if self.group_scales:
       # Punica/S-LoRA's batched gather-matmul: each example's own (in, r)
       # and (r, out) factors are gathered and multiplied batch-wise.
-      example = plan.example
-      a, b, scale = self._gather_adapters(x, example)
-      al = al[:-1] + [xl[example], r]
-      bl = bl[:-1] + [xl[example], r]
-      scale = scale.astype(out_dtype).reshape(
-          [-1 if l == xl[example] else 1 for l in tl])
+      ids = self._example_ids(x, plan.example)
+      e = xl[plan.example]
+      a = a if t is not None else self._gather(a, ids)
+      b = self._gather(b, ids)
+      al, bl = al[:-1] + [e, r], bl[:-1] + [e, r]
+      scale = jnp.asarray(self.group_scales + (0.0,), out_dtype)[ids]
+      scale = scale.reshape([-1 if l == e else 1 for l in tl])
     if t is None:
       t = jnp.einsum(f"{''.join(xl)},{''.join(al)}->{''.join(tl)}",
                      self._dropout(x), a.astype(dtype), precision=precision,
@@ -311,8 +312,8 @@ class Factored:
       y = jnp.einsum(f"{''.join(out)},{''.join(gl)}->{''.join(out)}", y, gain)
     return y
 
-  def _gather_adapters(self, x, example: int | None):
-    """Per-example factors (..., E, r) and scales (E,) along x's `example` axis.
+  def _example_ids(self, x, example: int | None):
+    """Each row's adapter index along x's `example` axis; n for no adapter.
 
     The example axis is the first axis of `x` that is neither contracted
     nor a batch axis of the product: the batch of a (batch, seq, features)
@@ -328,14 +329,13 @@ class Factored:
           " uncontracted axis must be the batch (or batch * sequence) axis")
     ids = self.ids if size == batch else jnp.repeat(self.ids, size // batch)
     # A negative id runs no adapter: it indexes past the end, filled with 0.
-    ids = jnp.where(ids < 0, n, ids)
+    return jnp.where(ids < 0, n, ids)
 
-    def gather(f):
-      f = f.reshape(*f.shape[:-1], n, f.shape[-1] // n)
-      return jnp.take(f, ids, axis=-2, mode="fill", fill_value=0)
-
-    scales = jnp.asarray(self.group_scales + (0.0,), jnp.float32)[ids]
-    return gather(self.a), gather(self.b), scales
+  def _gather(self, factor, ids):
+    """(..., n * r) -> (..., E, r): each example's own adapter's factor."""
+    n = len(self.group_scales)
+    factor = factor.reshape(*factor.shape[:-1], n, factor.shape[-1] // n)
+    return jnp.take(factor, ids, axis=-2, mode="fill", fill_value=0)
 
   def _base_product(self, x, kernel_is_rhs: bool, bind):
     """``dot_general(x, w)``, dequantizing a quantized ``w`` for this use."""
@@ -409,7 +409,8 @@ def shared_input_products(kernels, x, kernel_is_rhs: bool, params: dict):
       x.dtype, dtype)
   al = plan.al
   if first.group_scales:  # each kernel's per-example factors, gathered
-    factors = [k._gather_adapters(x, plan.example)[0] for k in kernels]
+    ids = first._example_ids(x, plan.example)  # one adapter_ids per call
+    factors = [k._gather(k.a, ids) for k in kernels]
     al = al[:-1] + [plan.xl[plan.example], al[-1]]
   else:
     factors = [k.a for k in kernels]
