@@ -310,6 +310,22 @@ def composite_save(directory: epath.Path, arrays: dict[str, Any],
   write_manifest(directory)
 
 
+def open_checked(directory: epath.Path, fmt: str | None = None,
+                 what: str = "", hint: str = "", restore=None
+                 ) -> dict[str, Any]:
+  """Verifies the file manifest, reads the metadata and checks its format.
+
+  Raises:
+    ValueError: the checkpoint's format is not `fmt` ("not `what`; `hint`").
+  """
+  verify_manifest(directory)
+  meta = read_meta(directory, restore)
+  if fmt is not None and meta.get("format") != fmt:
+    raise ValueError(f"{directory} holds a '{meta.get('format')}' checkpoint,"
+                     f" not {what}; {hint}")
+  return meta
+
+
 def read_meta(directory: epath.Path, restore=None) -> dict[str, Any]:
   if not directory.exists():
     raise FileNotFoundError(f"no checkpoint at {directory}")

@@ -256,11 +256,8 @@ def load_adapter(path, base_params: Any, *, allow_missing: bool = False,
     >>> logits = jlora.wrap(model.apply)({"params": lp}, x)
   """
   directory = io.as_path(path)
-  io.verify_manifest(directory)
-  meta = io.read_meta(directory)
-  if meta.get("format") != ADAPTER_FORMAT:
-    raise ValueError(f"{directory} holds a '{meta.get('format')}' checkpoint,"
-                     " not an adapter; use load_merged or CheckpointManager")
+  meta = io.open_checked(directory, ADAPTER_FORMAT, "an adapter",
+                         "use load_merged or CheckpointManager")
   leaves = dict(_paths.leaves_with_path(base_params))
   kernels = {p: (x.w if is_lora(x) else x) for p, x in leaves.items()}
   lora_paths = [p for p, x in leaves.items() if is_lora(x)]
@@ -372,11 +369,8 @@ def load_merged(path, like: Any = None) -> Any:
     >>> params = jlora.load_merged("/tmp/merged", like=params)
   """
   directory = io.as_path(path)
-  io.verify_manifest(directory)
-  meta = io.read_meta(directory)
-  if meta.get("format") != MERGED_FORMAT:
-    raise ValueError(f"{directory} holds a '{meta.get('format')}' checkpoint,"
-                     " not merged params; use load_adapter")
+  meta = io.open_checked(directory, MERGED_FORMAT, "merged params",
+                         "use load_adapter")
   saved = meta["arrays"]
   if like is None:
     targets = {k: io.abstract(s["shape"], s["dtype"]) for k, s in saved.items()}
@@ -512,8 +506,7 @@ class CheckpointManager:
           f" {list(self.all_steps())}")
     directory = self._step_dir(step)
     restore = lambda args: self.manager.restore(step, args=args)
-    io.verify_manifest(directory)
-    meta = io.read_meta(directory, restore)
+    meta = io.open_checked(directory, restore=restore)
     targets, likes = {}, {}
     for name, tree in zip(("trainable", "opt_state"), like):
       like_flat, treedef = io.flatten(tree)
