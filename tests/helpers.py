@@ -10,6 +10,13 @@ import numpy as np
 from jlora.node import is_lora
 
 
+# A tiny transformers config (pass to LlamaConfig and friends); the model
+# tests extend it per family.
+TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+
+
 def randomize_b(tree, key, std=0.5):
   """Gives every adapter a non-zero `b` so the update is visible."""
   nodes = [x for x in jax.tree.leaves(tree, is_leaf=is_lora) if is_lora(x)]

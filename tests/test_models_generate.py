@@ -12,6 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers import TINY_HF  # noqa: E402
+
 from jlora.models import (
   LlamaForCausalLM,
   ModelConfig,
@@ -20,17 +22,7 @@ from jlora.models import (
   sample_logits,
 )  # noqa: E402
 
-TINY = dict(
-  vocab_size=128,
-  hidden_size=64,
-  intermediate_size=128,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  bos_token_id=None,
-  eos_token_id=None,
-  pad_token_id=None,
-)
+TINY = dict(TINY_HF, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 FAMILIES = {
   "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
   "mistral_window": (

@@ -16,6 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers import TINY_HF  # noqa: E402
+
 from jlora.models import (
   LlamaForCausalLM,
   ModelConfig,
@@ -23,15 +25,7 @@ from jlora.models import (
   init_cache,
 )  # noqa: E402
 
-TINY = dict(
-  vocab_size=128,
-  hidden_size=64,
-  intermediate_size=128,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  max_position_embeddings=64,
-)
+TINY = dict(TINY_HF, max_position_embeddings=64)
 LLAMA3_ROPE = {
   "rope_type": "llama3",
   "rope_theta": 10000.0,

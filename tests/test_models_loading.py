@@ -15,6 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers import TINY_HF  # noqa: E402
+
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
@@ -26,14 +28,7 @@ from jlora.models import (  # noqa: E402
   load_tokenizer,
 )
 
-TINY = dict(
-  vocab_size=128,
-  hidden_size=64,
-  intermediate_size=128,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-)
+TINY = TINY_HF
 FAMILIES = {
   "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
   "llama3_tied": (
