@@ -6,6 +6,9 @@ import dataclasses
 
 import jax
 import numpy as np
+import optax
+
+import jlora
 
 from jlora.node import is_lora
 
@@ -71,3 +74,25 @@ def rel_err(x, ref) -> float:
   x = np.asarray(x, np.float64)
   ref = np.asarray(ref, np.float64)
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def train_adapters(tree, loss_fn, steps, tx=None):
+  """`steps` jitted optax steps on the adapters of a LoRA tree.
+
+  `loss_fn(tree)` is the loss of a complete tree. Returns the trained tree
+  and the per-step losses (before each update).
+  """
+  trainable, frozen = jlora.partition(tree)
+  tx = optax.adam(1e-2) if tx is None else tx
+
+  @jax.jit
+  def step(t, s):
+    loss, g = jax.value_and_grad(lambda t: loss_fn(jlora.combine(t, frozen)))(t)
+    updates, s = tx.update(g, s, t)
+    return optax.apply_updates(t, updates), s, loss
+
+  state, losses = tx.init(trainable), []
+  for _ in range(steps):
+    trainable, state, loss = step(trainable, state)
+    losses.append(float(loss))
+  return jlora.combine(trainable, frozen), np.array(losses)

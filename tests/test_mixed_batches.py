@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jlora
 from jlora.models import LlamaForCausalLM, ModelConfig, generate
 from jlora.node import is_lora, is_multi
-from helpers import dot_outputs, np_fused, randomize_b
+from helpers import dot_outputs, np_fused, randomize_b, train_adapters
 
 KEY = jax.random.key(0)
 
@@ -172,22 +172,9 @@ def test_training_a_stack_equals_training_each_adapter_alone(three):
   names = ["r2", "r4rs"]
   ids = np.array([0, 1, 1, 0, 0, 1], np.int32)
   forward = jlora.wrap(MLP().apply)
-  tx = optax.adam(1e-2)
 
   def train(tree, x, **kw):
-    trainable, frozen = jlora.partition(tree)
-    state = tx.init(trainable)
-
-    @jax.jit
-    def step(trainable, state):
-      g = jax.grad(lambda t: _loss(forward, jlora.combine(t, frozen), x,
-                                   **kw))(trainable)
-      updates, state = tx.update(g, state)
-      return optax.apply_updates(trainable, updates), state
-
-    for _ in range(5):
-      trainable, state = step(trainable, state)
-    return jlora.combine(trainable, frozen)
+    return train_adapters(tree, lambda t: _loss(forward, t, x, **kw), 5)[0]
 
   trained = jlora.unstack_adapters(
       train(jlora.stack_adapters(three, names), X, adapter_ids=ids))

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jlora
 from jlora import quant
-from helpers import randomize_b, rel_err
+from helpers import randomize_b, rel_err, train_adapters
 
 KEY = jax.random.key(0)
 
@@ -507,24 +507,13 @@ def test_llama_scan_layers_qlora_step(llama):
   lp = jlora.apply(qp, rank=4, key=KEY)
   ids = jax.random.randint(KEY, (2, 16), 0, 128)
   forward = jlora.wrap(model.apply)
-  trainable, frozen = jlora.partition(lp)
-  tx = optax.adam(1e-2)
 
-  @jax.jit
-  def step(t, s):
-    def loss(t):
-      logits = forward({"params": jlora.combine(t, frozen)}, ids[:, :-1])
-      logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-      return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1))
-    l, g = jax.value_and_grad(loss)(t)
-    u, s = tx.update(g, s, t)
-    return optax.apply_updates(t, u), s, l
+  def loss(tree):
+    logits = forward({"params": tree}, ids[:, :-1])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1))
 
-  s = tx.init(trainable)
-  losses = []
-  for _ in range(3):
-    trainable, s, l = step(trainable, s)
-    losses.append(float(l))
+  _, losses = train_adapters(lp, loss, 3)
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
@@ -630,24 +619,8 @@ def test_sharded_quantize_and_train_step():
 
   def train(lp, x, y):
     forward = jlora.wrap(Wide().apply)
-    trainable, frozen = jlora.partition(lp)
-    tx = optax.adam(1e-2)
-
-    @jax.jit
-    def step(t, s):
-      def loss(t):
-        out = forward({"params": jlora.combine(t, frozen)}, x)
-        return jnp.mean((out - y) ** 2)
-      l, g = jax.value_and_grad(loss)(t)
-      u, s = tx.update(g, s, t)
-      return optax.apply_updates(t, u), s, l
-
-    s = tx.init(trainable)
-    losses = []
-    for _ in range(3):
-      trainable, s, l = step(trainable, s)
-      losses.append(float(l))
-    return np.array(losses)
+    loss = lambda tree: jnp.mean((forward({"params": tree}, x) - y) ** 2)
+    return train_adapters(lp, loss, 3)[1]
 
   xs = jax.device_put(x, NamedSharding(mesh, P("data", None)))
   ys = jax.device_put(y, NamedSharding(mesh, P("data", None)))
