@@ -52,6 +52,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # train_step, and jlora itself
 from train_step import (SHAPES, TARGETS, Result,  # noqa: E402
                         base_parser, common_flags, emit_json, floor_flops,
+                        floor_fraction, shape_line,
                         matmul_tflops, run_jax, run_systems)
 
 SYSTEMS = ("jlora_nf4", "peft_qlora", "jlora", "jlora_nf4_host_opt")
@@ -264,9 +265,7 @@ def main() -> None:
   s = SHAPES[args.shape]
   flops = floor_flops(s)
   ref = {r["system"]: r for r in results if "error" not in r}
-  print(f"\nshape {args.shape}: {s}; rank {args.rank}, alpha {args.alpha};"
-        f" bf16 matmul {tflops or 0:.0f} TFLOP/s; floor {flops / 1e12:.1f}"
-        " TFLOP per step")
+  print("\n" + shape_line(args, flops, tflops))
   header = (f"{'system':<12}{'step (s)':>10}{'tokens/s':>11}{'peak GiB':>10}"
             f"{'load GiB':>10}{'load peak':>10}{'floor %':>9}"
             f"{'vs peft':>9}{'loss0->N':>17}")
@@ -276,8 +275,7 @@ def main() -> None:
     if "error" in r:
       print(f"{r['system']:<12} error: {r['error'][:200]}")
       continue
-    floor = (flops / (tflops * 1e12)) / r["step_s"] * 100 if tflops else 0
-    r["floor_fraction"] = floor / 100
+    floor = 100 * floor_fraction(r, flops, tflops)
     vs = (f"{r['tokens_per_s'] / ref['peft_qlora']['tokens_per_s']:.2f}x"
           if "peft_qlora" in ref else "-")
     print(f"{r['system']:<12}{r['step_s']:>10.4f}{r['tokens_per_s']:>11,.0f}"

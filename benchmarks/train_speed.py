@@ -266,8 +266,7 @@ def child(args) -> None:
 def _row(r: dict, flops: float, tflops: float | None, ref: dict | None) -> str:
   if "error" in r:
     return f"{r['system']:<16} error: {r['error'][:300]}"
-  floor = flops / (tflops * 1e12) / r["step_s"] if tflops else 0.0
-  r["floor_fraction"] = floor
+  floor = ts.floor_fraction(r, flops, tflops)
   vs = mem = "-"
   if ref is not None and ref is not r:
     r["vs_peft_compile"] = r["tokens_per_s"] / ref["tokens_per_s"]
@@ -288,9 +287,7 @@ def report(args, results: list, tflops: float | None) -> dict:
   ref = next((r for r in results
               if r["system"] == "peft_compile" and "error" not in r), None)
   lines = [
-    f"shape {args.shape}: {s}; LoRA r={args.rank} alpha={args.alpha};"
-    f" bf16 matmul {tflops or 0:.0f} TFLOP/s; floor"
-    f" {flops / 1e12:.1f} TFLOP/step",
+    ts.shape_line(args, flops, tflops),
     f"{'system':<16}{'step s':>9}{'tokens/s':>11}{'peak GiB':>9}"
     f"{'XLA GiB':>9}{'floor':>9}{'vs PEFT':>8}{'mem':>8}{'loss0->N':>18}",
   ]

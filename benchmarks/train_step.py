@@ -292,6 +292,20 @@ def run_peft(system: str, s: dict, rank: int, alpha: float, steps: int,
 
 # -- driver ------------------------------------------------------------------------
 
+def shape_line(args, flops: float, tflops: float | None) -> str:
+  """The table's first line: shape, LoRA, measured matmul rate, FLOP floor."""
+  return (f"shape {args.shape}: {SHAPES[args.shape]}; LoRA r={args.rank}"
+          f" alpha={args.alpha}; bf16 matmul {tflops or 0:.0f} TFLOP/s;"
+          f" floor {flops / 1e12:.1f} TFLOP/step")
+
+
+def floor_fraction(r: dict, flops: float, tflops: float | None) -> float:
+  """Stores and returns the fraction of the FLOP floor a result reached."""
+  r["floor_fraction"] = (flops / (tflops * 1e12) / r["step_s"]
+                         if tflops else 0.0)
+  return r["floor_fraction"]
+
+
 def emit_json(out: dict, path: str | None) -> None:
   """Prints ``JSON {...}`` (the line the device runs are read from) and
   writes `out` to `path` when one is given."""
@@ -382,9 +396,7 @@ def main() -> None:
   s = SHAPES[args.shape]
   flops = floor_flops(s)
   ref = {r["system"]: r for r in results if "error" not in r}
-  print(f"\nshape {args.shape}: {s}; rank {args.rank}, alpha {args.alpha};"
-        f" bf16 matmul {tflops or 0:.0f} TFLOP/s; floor {flops / 1e12:.1f}"
-        " TFLOP per step")
+  print("\n" + shape_line(args, flops, tflops))
   header = (f"{'system':<14}{'step (s)':>10}{'tokens/s':>12}{'peak GiB':>10}"
             f"{'floor %':>9}{'vs hand':>9}{'vs peft':>9}{'loss0->N':>18}")
   print(header)
@@ -393,8 +405,7 @@ def main() -> None:
     if "error" in r:
       print(f"{r['system']:<14} error: {r['error'][:200]}")
       continue
-    floor = (flops / (tflops * 1e12)) / r["step_s"] * 100 if tflops else 0
-    r["floor_fraction"] = floor / 100
+    floor = 100 * floor_fraction(r, flops, tflops)
     vs = lambda k: (f"{r['tokens_per_s'] / ref[k]['tokens_per_s']:.2f}x"
                     if k in ref else "-")
     print(f"{r['system']:<14}{r['step_s']:>10.4f}{r['tokens_per_s']:>12,.0f}"
