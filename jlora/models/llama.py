@@ -644,7 +644,7 @@ class LlamaForCausalLM(nn.Module):
         the MLP's gate and up matmuls;
       "attention+gate": also keep gate_proj, recompute up_proj;
       "mlp": keep gate_proj, up_proj and o_proj outputs, recompute q/k/v
-        and attention (at 8B: 1.21x compiled PEFT's speed at 0.60x its
+        and attention (at 8B: 1.20-1.21x compiled PEFT's speed at 0.60x its
         memory);
       "matmuls": keep every projection output that the backward pass needs
         (all but down_proj) and the attention output: no matmul is recomputed,
