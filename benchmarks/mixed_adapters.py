@@ -123,7 +123,7 @@ def run_jax(s: dict, rank: int, alpha: float, reps: int, decode_len: int,
   # -- prefill: logits of the last position
   forward = jlora.wrap(prefill_model.apply)
 
-  @functools.partial(jax.jit, static_argnames=())
+  @jax.jit
   def prefill(tree, x, adapter_ids):
     kw = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
     h = forward({"params": tree}, x, return_hidden=True, **kw)
