@@ -203,10 +203,9 @@ def _flock(fd: int, mode: int, target: epath.Path, what: str) -> None:
         raise CheckpointBusyError(
             f"{target} is being written by another process"
             f"{' (' + holder + ')' if holder else ''}; waited"
-            f" {LOCK_TIMEOUT_S:.0f} s to {what} it. Fix: let that save"
-            " finish, or save to another path (in a multi-host job, save"
-            " from every process with the same path: jlora coordinates"
-            " them; do not run two jobs on one output path)") from None
+            f" {LOCK_TIMEOUT_S:.0f} s to {what} it (lock file"
+            f" {_lock_path(target)}). Fix: let that save finish, or save to"
+            " another path") from None
       time.sleep(0.02)
 
 
@@ -315,6 +314,13 @@ def precheck(target: epath.Path, kind: Kind, overwrite: bool) -> None:
   """`check_target`, plus: a real name, not inside another checkpoint."""
   if target.name in ("", ".", "..") or target.parent == target:
     raise NotACheckpointError(f"cannot save to {target}: name a directory")
+  for parent in target.parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise NotACheckpointError(
+            f"cannot save to {target}: {parent} is a file. Fix: save to a"
+            " path under a directory")
+      break
   outer = inside_checkpoint(target)
   if outer is not None:
     raise NotACheckpointError(

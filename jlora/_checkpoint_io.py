@@ -2,7 +2,7 @@
 
 A jlora checkpoint is an Orbax composite checkpoint with two items: ``arrays``
 (a nested dict of arrays, `ocp.args.StandardSave`) and ``meta`` (a JSON
-record, `ocp.args.JsonSave`), so plain Orbax reads it too. Two integrity
+record, `ocp.args.JsonSave`), so plain Orbax reads it too. Three integrity
 layers sit on top of Orbax's atomic tmp-dir-and-rename commit:
 
 - every array's checksum is in ``meta``, written in the same commit as the
@@ -199,9 +199,13 @@ def _fingerprint(x: jax.Array) -> jax.Array:
 def checksums(arrays: dict[str, Any]) -> dict[str, str]:
   """{key: 16 hex digits} fingerprints of raw (non-key) arrays."""
   keys = list(arrays)
-  values = jax.device_get([_fingerprint(jnp.asarray(arrays[k])
-                                        if not isinstance(arrays[k], jax.Array)
-                                        else arrays[k]) for k in keys])
+  try:
+    cpu = jax.devices("cpu")[0]  # host arrays are hashed on the host
+  except RuntimeError:  # JAX_PLATFORMS without cpu
+    cpu = None
+  values = jax.device_get([_fingerprint(
+      arrays[k] if isinstance(arrays[k], jax.Array)
+      else jax.device_put(np.asarray(arrays[k]), cpu)) for k in keys])
   return {k: "%08x%08x" % (int(v[0]), int(v[1])) for k, v in zip(keys, values)}
 
 

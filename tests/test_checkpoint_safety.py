@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import flax.linen as nn
@@ -110,10 +111,12 @@ def test_overwrite_never_deletes_a_user_directory(tmp_path, saver):
   assert "another path" in msg
   assert _snapshot(tmp_path / "mine") == before
   assert _siblings(tmp_path / "mine") == []
-  # A file at the path is refused too, and kept.
+  # A file at the path, or above it, is refused too, and kept.
   (tmp_path / "file").write_text("keep me")
   with pytest.raises(NotACheckpointError, match="is a file"):
     save(tmp_path / "file")
+  with pytest.raises(NotACheckpointError, match="file.*is a file"):
+    save(tmp_path / "file" / "sub")
   assert (tmp_path / "file").read_text() == "keep me"
 
 
@@ -442,6 +445,36 @@ def test_two_processes_saving_one_path(tmp_path):
   assert all(p.exitcode == 0 for p in procs)
 
 
+def test_loads_during_saves_see_whole_checkpoints(tmp_path):
+  # Without the readers' lock a load that overlapped a swap read files of
+  # two checkpoints (a checksum error); now it sees one or the other.
+  params = {"d": {"kernel": jax.random.normal(jax.random.key(0), (16, 16))}}
+  trees = [jlora.apply(params, rank=2, key=jax.random.key(i))
+           for i in range(3)]
+  save_adapter(tmp_path / "a", trees[0])
+  errors = []
+
+  def writer():
+    for i in range(6):
+      try:
+        save_adapter(tmp_path / "a", trees[i % 3], overwrite=True)
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(e)
+
+  thread = threading.Thread(target=writer)
+  thread.start()
+  loads = 0
+  while thread.is_alive() or loads == 0:
+    got = load_adapter(tmp_path / "a", params)
+    loads += 1
+    assert any(np.array_equal(got["d"]["kernel"].a, t["d"]["kernel"].a)
+               and np.array_equal(got["d"]["kernel"].b, t["d"]["kernel"].b)
+               for t in trees)
+  thread.join()
+  assert not errors, errors
+  _same(load_adapter(tmp_path / "a", params), trees[5 % 3])
+
+
 def test_a_writer_that_waits_too_long_gets_a_clear_error(tmp_path,
                                                          monkeypatch):
   import fcntl
@@ -635,6 +668,12 @@ def test_symlinked_path_keeps_pointing_at_the_checkpoint(tmp_path):
   assert (tmp_path / "latest").is_symlink()
   _same(load_adapter(tmp_path / "run3", PARAMS), new)
   _same(load_adapter(tmp_path / "latest", PARAMS), new)
+  # Copied or moved, a checkpoint still loads (the manifest is relative).
+  shutil.copytree(tmp_path / "run3", tmp_path / "copy")
+  shutil.move(tmp_path / "run3", tmp_path / "moved")
+  _same(load_adapter(tmp_path / "copy", PARAMS), new)
+  _same(load_adapter(tmp_path / "moved", PARAMS), new)
+  (tmp_path / "latest").unlink()
   # A link to nowhere: the save creates what it points to.
   (tmp_path / "dangling").symlink_to(tmp_path / "later")
   save_adapter(tmp_path / "dangling", old)
