@@ -424,7 +424,7 @@ def saving(path: Any, kind: _atomic_dir.Kind, *, overwrite: bool):
   if primary:
     try:
       _atomic_dir.precheck(target, kind, overwrite)
-    except FileExistsError as e:
+    except Exception as e:  # pylint: disable=broad-except  (tell the others)
       refused = e
   token = np.frombuffer(uuid.uuid4().bytes, np.uint32)
   token = np.asarray(multihost_utils.broadcast_one_to_all(
@@ -432,7 +432,7 @@ def saving(path: Any, kind: _atomic_dir.Kind, *, overwrite: bool):
   if refused is not None:
     raise refused
   if token[-1]:
-    raise FileExistsError(f"process 0 refused to replace {target}; see its"
+    raise FileExistsError(f"process 0 refused to save to {target}; see its"
                           " error")
   name = "".join(f"{int(w):08x}" for w in token[:-1])
   with _atomic_dir.replace_dir(path, kind, overwrite=overwrite, token=name,

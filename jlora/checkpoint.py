@@ -104,16 +104,19 @@ def _node_class(name: str):
 def _kernel_checksums(kernels: dict[str, Any]) -> dict[str, str]:
   """Value checksums of base kernels: 16 hex digits for an array,
   ``"quantized:"`` + a digest of its parts for a quantized kernel."""
-  plain = {p: k for p, k in kernels.items()
-           if isinstance(k, (jax.Array, np.ndarray))}
+  def concrete(x):  # not abstract, not donated
+    deleted = getattr(x, "is_deleted", None)  # tracers have none
+    return isinstance(x, np.ndarray) or (
+        isinstance(x, jax.Array) and deleted is not None and not deleted())
+
+  plain = {p: k for p, k in kernels.items() if concrete(k)}
   out = io.checksums(plain) if plain else {}
   for p, k in kernels.items():
     if p in plain:
       continue
     leaves = jax.tree.leaves(k)
-    if not leaves or not all(isinstance(x, (jax.Array, np.ndarray))
-                             for x in leaves):
-      continue  # abstract or unknown: not checked
+    if not leaves or not all(map(concrete, leaves)):
+      continue  # abstract, donated or unknown: shape and dtype only
     parts = io.checksums({str(i): x for i, x in enumerate(leaves)})
     out[p] = "quantized:" + hashlib.sha256(
         ",".join(parts[str(i)] for i in range(len(leaves))).encode()
