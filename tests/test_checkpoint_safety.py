@@ -250,16 +250,21 @@ def test_failed_swap_rename_puts_the_old_one_back(tmp_path, monkeypatch):
   from etils import epath
   cls = type(epath.Path(os.fspath(tmp_path)))
   real_rename = cls.rename
+  moves = []
 
   def rename(self, target):
-    if ".jlora-tmp-" in self.name:  # the new copy moving in
-      raise OSError(errno.EXDEV, "rename failed")
+    moves.append((self.name, epath.Path(target).name))
+    if epath.Path(target).name == "a" and ".a.jlora-tmp-" in self.name:
+      raise OSError(errno.EXDEV, "rename failed")  # the new copy moving in
     return real_rename(self, target)
 
   monkeypatch.setattr(cls, "rename", rename)
   with pytest.raises(OSError, match="rename failed"):
     save_adapter(tmp_path / "a", _lora(PARAMS, seed=3), overwrite=True)
   monkeypatch.undo()
+  # The old copy had gone aside, and came back.
+  assert [m for m in moves if m[0] == "a"][0][1].startswith(".a.jlora-old-")
+  assert moves[-1][1] == "a" and moves[-1][0].startswith(".a.jlora-old-")
   _same(load_adapter(tmp_path / "a", PARAMS), old)
   assert _siblings(tmp_path / "a") == []
 
@@ -584,8 +589,10 @@ def test_training_and_set_records_are_checksummed(tmp_path):
 
 
 def test_checkpoints_written_before_the_digests_still_load(tmp_path):
-  # tests/data/legacy_v1 was written by jlora at format_version 1 (no
-  # digests, no base checksums): its file manifest covers the record.
+  # tests/data/legacy_v1 was written by jlora at commit 4e62736 (format
+  # version 1: no digests, no base checksums) from the trees built here
+  # (adapter: _lora(PARAMS, alpha=8.0); run: step 7 of its trainable half,
+  # sgd state, key(5), extra {"epoch": 1}). Its manifest covers the record.
   shutil.copytree(LEGACY, tmp_path / "v1")
   lp = _lora(PARAMS, alpha=8.0)
   assert read_metadata(tmp_path / "v1" / "adapter")["format_version"] == 1
