@@ -35,6 +35,7 @@ _LAZY_NAMES = {
     "AdapterMismatchError": "checkpoint",
     "CheckpointMismatchError": "checkpoint",
     "CheckpointCorruptError": "checkpoint",
+    "NotACheckpointError": "checkpoint", "CheckpointBusyError": "checkpoint",
 }
 
 
@@ -51,7 +52,8 @@ __all__ = [
     "remove_adapter", "save_adapter_set", "select", "set_active",
     "stack_adapters", "unstack_adapters", "MultiLoRA",
     "wrap_adapter", "QuantizedArray", "dequantize", "quant", "quantize",
-    "AdapterMismatchError", "CheckpointCorruptError", "CheckpointManager",
+    "AdapterMismatchError", "CheckpointBusyError", "CheckpointCorruptError",
+    "CheckpointManager", "NotACheckpointError",
     "CheckpointMismatchError", "Count", "LayoutError", "LoRA", "apply",
     "combine", "count", "labels", "load_adapter", "load_merged",
     "loraplus_optimizer", "mask", "merge", "optimizer", "partition",

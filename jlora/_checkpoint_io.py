@@ -2,7 +2,7 @@
 
 A jlora checkpoint is an Orbax composite checkpoint with two items: ``arrays``
 (a nested dict of arrays, `ocp.args.StandardSave`) and ``meta`` (a JSON
-record, `ocp.args.JsonSave`), so plain Orbax reads it too. Two integrity
+record, `ocp.args.JsonSave`), so plain Orbax reads it too. Three integrity
 layers sit on top of Orbax's atomic tmp-dir-and-rename commit:
 
 - every array's checksum is in ``meta``, written in the same commit as the
@@ -10,11 +10,19 @@ layers sit on top of Orbax's atomic tmp-dir-and-rename commit:
   included);
 - a file manifest (``jlora_manifest.json``: size and CRC32 of every file of
   both items), written right after the commit, checked before reading, so
-  a damaged file is named before any of it is decoded.
+  a damaged file is named before any of it is decoded;
+- a digest of every field of ``meta`` itself (``meta["integrity"]``: the
+  static configuration, fingerprints, shapes and checksums), so an edited
+  record is caught even without the manifest.
+
+A save writes beside its target and swaps it in (`jlora._atomic_dir`); a
+load holds the target's reader lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -28,9 +36,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jlora import _atomic_dir
 from jlora._paths import key_str
 
-MANIFEST = "jlora_manifest.json"
+MANIFEST = _atomic_dir.MANIFEST
 ITEMS = ("arrays", "meta")
 
 
@@ -50,11 +59,12 @@ class CheckpointMismatchError(ValueError):
 
 
 def as_path(path: Any) -> epath.Path:
-  """An absolute `epath.Path` (Orbax needs absolute local paths)."""
-  text = os.fspath(path)
-  if "://" not in text:
-    text = os.path.abspath(text)
-  return epath.Path(text)
+  """An absolute `epath.Path` (Orbax needs absolute local paths); local
+  symlinks resolved."""
+  return _atomic_dir.resolve(path)
+
+
+reading = _atomic_dir.reading
 
 
 # ------------------------------------------------------------------- trees
@@ -189,9 +199,13 @@ def _fingerprint(x: jax.Array) -> jax.Array:
 def checksums(arrays: dict[str, Any]) -> dict[str, str]:
   """{key: 16 hex digits} fingerprints of raw (non-key) arrays."""
   keys = list(arrays)
-  values = jax.device_get([_fingerprint(jnp.asarray(arrays[k])
-                                        if not isinstance(arrays[k], jax.Array)
-                                        else arrays[k]) for k in keys])
+  try:
+    cpu = jax.devices("cpu")[0]  # host arrays are hashed on the host
+  except RuntimeError:  # JAX_PLATFORMS without cpu
+    cpu = None
+  values = jax.device_get([_fingerprint(
+      arrays[k] if isinstance(arrays[k], jax.Array)
+      else jax.device_put(np.asarray(arrays[k]), cpu)) for k in keys])
   return {k: "%08x%08x" % (int(v[0]), int(v[1])) for k, v in zip(keys, values)}
 
 
@@ -238,8 +252,11 @@ def write_manifest(directory: epath.Path) -> None:
     return
   files = {os.fspath(p.relative_to(directory)): [p.stat().length, _crc32(p)]
            for p in _files(directory)}
+  # Every top-level name, so an overwrite knows what is jlora's to replace.
+  top = sorted({p.name for p in directory.iterdir()} | {MANIFEST})
   tmp = directory / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"
-  tmp.write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
+  tmp.write_text(json.dumps({"files": files, "top": top}, indent=1,
+                            sort_keys=True))
   tmp.rename(directory / MANIFEST)  # atomic: the manifest is whole or absent
 
 
@@ -255,7 +272,9 @@ def verify_manifest(directory: epath.Path) -> bool:
   try:
     files = json.loads(path.read_text())["files"]
   except (ValueError, KeyError) as e:
-    raise CheckpointCorruptError(f"{path} is unreadable ({e})") from e
+    raise CheckpointCorruptError(
+        f"{path} is unreadable ({e}); restore an earlier checkpoint or save"
+        " this one again") from e
   problems = []
   for rel, (size, crc) in sorted(files.items()):
     p = directory / rel
@@ -294,32 +313,191 @@ def corrupt(directory: epath.Path, what: str,
       " save this one again")
 
 
+# --------------------------------------------------------------- integrity
+
+
+def _record_fields(meta: dict[str, Any]) -> dict[tuple, Any]:
+  """The record's values by key path, four levels deep (e.g.
+  ``("targets", "up/kernel", "alpha")``); deeper values are taken whole."""
+  out: dict[tuple, Any] = {}
+
+  def visit(path: tuple, value: Any) -> None:
+    if isinstance(value, dict) and value and len(path) < 4:
+      for k, v in value.items():
+        visit(path + (k,), v)
+    else:
+      out[path] = value
+
+  for k, v in meta.items():
+    if k != "integrity":
+      visit((k,), v)
+  return out
+
+
+def _digest(path: tuple, value: Any) -> str:
+  text = json.dumps([list(path), value], sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def seal(meta: dict[str, Any]) -> dict[str, Any]:
+  """`meta` as JSON will store it, plus a digest of each of its fields."""
+  meta = json.loads(json.dumps(meta))  # the types a reader will see
+  meta["integrity"] = [[list(p), _digest(p, v)]
+                       for p, v in sorted(_record_fields(meta).items())]
+  return meta
+
+
+def _field_name(path) -> str:
+  return path[0] + "".join(f"[{k!r}]" for k in path[1:])
+
+
+def check_seal(meta: dict[str, Any], directory: epath.Path,
+               has_manifest: bool, record: epath.Path | None = None) -> None:
+  """Raises `CheckpointCorruptError` naming each field of the record that
+  differs from what was saved.
+
+  A record without digests is from jlora before format_version 2: accepted
+  when the file manifest (whose CRC32 covers the record) was verified.
+  """
+  record = record or directory / "meta" / "metadata"
+  if "integrity" not in meta:
+    if meta.get("format_version", 1) >= 2:
+      raise CheckpointCorruptError(
+          f"{record} lacks its 'integrity' digests, so its fields (alpha,"
+          " rank, layout, shapes, checksums...) cannot be trusted; restore"
+          " an earlier copy of this checkpoint or save it again")
+    if not has_manifest:
+      raise CheckpointCorruptError(
+          f"checkpoint {directory} was written by an older jlora"
+          f" (format_version {meta.get('format_version')}) and has no"
+          f" {MANIFEST}, so nothing verifies its record {record} (alpha,"
+          " rank, layout...); save it again with this jlora from the tree"
+          " it came from, or restore its manifest")
+    return
+  try:
+    saved = {tuple(p): d for p, d in meta["integrity"]}
+  except (TypeError, ValueError) as e:
+    raise CheckpointCorruptError(
+        f"{record}: its 'integrity' entry is malformed ({e}); restore an"
+        " earlier copy of this checkpoint or save it again") from e
+  found = _record_fields(meta)
+  problems = [f"{_field_name(p)} was changed" for p, v in found.items()
+              if p in saved and saved[p] != _digest(p, v)]
+  problems += [f"{_field_name(p)} was added" for p in found if p not in saved]
+  problems += [f"{_field_name(p)} was removed" for p in saved
+               if p not in found]
+  if problems:
+    raise CheckpointCorruptError(
+        f"checkpoint {directory} is corrupt: its record {record} differs from"
+        " the one saved:\n  " + "\n  ".join(problems[:20]) +
+        "\nrestore an earlier copy of this checkpoint or save it again (do"
+        " not edit the record: a changed alpha or layout would load an"
+        " adapter that computes something else)")
+
+
 # ------------------------------------------------------------ orbax calls
 
 
-def composite_save(directory: epath.Path, arrays: dict[str, Any],
-                   meta: dict[str, Any], *, force: bool) -> None:
-  """One atomic Orbax commit of both items, then the manifest."""
-  if directory.exists() and not force:
-    raise FileExistsError(f"{directory} already exists; pass overwrite=True"
-                          " to replace it or choose another path")
+def checkpoint_kind(fmt: str, what: str) -> _atomic_dir.Kind:
+  return _atomic_dir.Kind(
+      f"{what} checkpoint",
+      lambda d: _atomic_dir.recognize_checkpoint(d, fmt),
+      lambda d: _atomic_dir.verify_checkpoint(d, fmt))
+
+
+@contextlib.contextmanager
+def saving(path: Any, kind: _atomic_dir.Kind, *, overwrite: bool):
+  """Yields a fresh directory to write a checkpoint into; on success it
+  replaces `path` atomically (see `jlora._atomic_dir`).
+
+  Multi-host: every process writes (Orbax coordinates the arrays); process
+  0 checks the target, holds the lock and swaps.
+  """
+  if jax.process_count() == 1:
+    with _atomic_dir.replace_dir(path, kind, overwrite=overwrite) as tmp:
+      yield tmp
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  primary = jax.process_index() == 0
+  target = _atomic_dir.resolve(path)
+  refused = None
+  if primary:
+    try:
+      _atomic_dir.precheck(target, kind, overwrite)
+    except Exception as e:  # pylint: disable=broad-except  (tell the others)
+      refused = e
+  token = np.frombuffer(uuid.uuid4().bytes, np.uint32)
+  token = np.asarray(multihost_utils.broadcast_one_to_all(
+      np.append(token, np.uint32(refused is not None))))
+  if refused is not None:
+    raise refused
+  if token[-1]:
+    raise FileExistsError(f"process 0 refused to save to {target}; see its"
+                          " error")
+  name = "".join(f"{int(w):08x}" for w in token[:-1])
+  with _atomic_dir.replace_dir(path, kind, overwrite=overwrite, token=name,
+                               primary=primary) as tmp:
+    yield tmp
+  multihost_utils.sync_global_devices(f"jlora save {target}")
+
+
+def write_checkpoint(directory: epath.Path, arrays: dict[str, Any],
+                     meta: dict[str, Any]) -> None:
+  """One Orbax commit of both items into a new directory, then the manifest."""
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(directory, args=ocp.args.Composite(
         arrays=ocp.args.StandardSave(nest(arrays)),
-        meta=ocp.args.JsonSave(meta)), force=force)
+        meta=ocp.args.JsonSave(seal(meta))))
   write_manifest(directory)
+
+
+def describe(directory: epath.Path) -> OSError | None:
+  """The error for a directory that is not a jlora checkpoint, naming what
+  it is instead; None when it may be one."""
+  def no(cls, why):
+    return cls(f"no jlora checkpoint at {directory}: it {why}")
+
+  if not directory.exists():
+    return None  # read_meta says so
+  if not directory.is_dir():
+    return no(NotADirectoryError, "is a file, not a checkpoint directory")
+  names = _atomic_dir.entries(directory)
+  if "meta" in names:
+    return None
+  if not names:
+    return no(FileNotFoundError, "is an empty directory")
+  if "adapter_set.json" in names:
+    return no(FileNotFoundError, "is a jlora adapter set; read it with"
+              " jlora.load_adapter_set")
+  if "adapter_config.json" in names:
+    return no(FileNotFoundError, "is a PEFT adapter; read it with"
+              " jlora.peft.load")
+  steps = [n for n in names if n.isdigit()]
+  if steps:
+    return no(FileNotFoundError, f"looks like a CheckpointManager directory"
+              f" (steps {steps[:8]}); read it with"
+              " jlora.CheckpointManager(path).restore")
+  return no(FileNotFoundError, f"holds only {names[:8]}")
 
 
 def open_checked(directory: epath.Path, fmt: str | None = None,
                  what: str = "", hint: str = "", restore=None
                  ) -> dict[str, Any]:
-  """Verifies the file manifest, reads the metadata and checks its format.
+  """Verifies the file manifest, reads the metadata, checks its digests and
+  its format.
 
   Raises:
+    FileNotFoundError / NotADirectoryError: nothing, or no checkpoint, there.
+    CheckpointCorruptError: a damaged file or an edited record (named).
     ValueError: the checkpoint's format is not `fmt` ("not `what`; `hint`").
   """
-  verify_manifest(directory)
+  if restore is None:
+    problem = describe(directory)
+    if problem is not None:
+      raise problem
+  has_manifest = verify_manifest(directory)
   meta = read_meta(directory, restore)
+  check_seal(meta, directory, has_manifest)
   if fmt is not None and meta.get("format") != fmt:
     raise ValueError(f"{directory} holds a '{meta.get('format')}' checkpoint,"
                      f" not {what}; {hint}")
@@ -337,8 +515,6 @@ def read_meta(directory: epath.Path, restore=None) -> dict[str, Any]:
     else:
       out = restore(ocp.args.Composite(meta=ocp.args.JsonRestore()))
     meta = out["meta"]
-  except FileNotFoundError:
-    raise
   except Exception as e:  # Orbax raises many types for an unreadable file.
     raise corrupt(directory, "meta", e) from e
   if not isinstance(meta, dict) or "format" not in meta:

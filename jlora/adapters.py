@@ -44,7 +44,7 @@ __all__ = [
 
 INDEX_FILE = "adapter_set.json"
 SET_FORMAT = "jlora.adapter_set"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the index carries digests of its fields
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
@@ -474,45 +474,76 @@ def wrap(fn: Callable[..., Any], adapter: str | None | _Active = ACTIVE
 # ----------------------------------------------------------------- storage
 
 
+def _set_kind():
+  """What `save_adapter_set` may replace: an adapter set and nothing else."""
+  from jlora import _atomic_dir
+  from jlora.checkpoint import ADAPTER_FORMAT
+
+  def listed(directory) -> list[str] | None:
+    index = _atomic_dir.read_json(directory / INDEX_FILE)
+    if index is None or index.get("format") != SET_FORMAT:
+      return None
+    names = index.get("adapters")
+    if not isinstance(names, list) or not all(map(_is_name, names)):
+      return None
+    return names
+
+  def recognize(directory) -> str | None:
+    names = listed(directory)
+    if names is None:
+      return f"is not a jlora adapter set (no readable {INDEX_FILE})"
+    foreign = [n for n in _atomic_dir.entries(directory)
+               if n != INDEX_FILE and n not in names]
+    if foreign:
+      return f"holds entries jlora did not write: {foreign[:8]}"
+    for name in names:
+      if (directory / name).exists():
+        why = _atomic_dir.recognize_checkpoint(directory / name,
+                                               ADAPTER_FORMAT)
+        if why is not None:
+          return f"lists adapter '{name}', whose directory {why}"
+    return None
+
+  def verify(directory) -> None:
+    for name in listed(directory) or []:
+      _atomic_dir.verify_checkpoint(directory / name, ADAPTER_FORMAT)
+
+  return _atomic_dir.Kind("a jlora adapter set", recognize, verify)
+
+
 def save_adapter_set(path, adapter_set: AdapterSet, *,
                      overwrite: bool = False) -> None:
   """Writes every adapter of the set (never the base) under `path`.
 
   Layout: ``path/<name>/`` is a `jlora.save_adapter` checkpoint of each
   adapter (loadable alone with `jlora.load_adapter`), and
-  ``path/adapter_set.json`` lists the names and the active one. The index is
-  written last, so an interrupted save has none and does not load. With
-  `overwrite`, adapters of the old set that are not in this one are deleted.
+  ``path/adapter_set.json`` lists the names and the active one. The whole
+  set is written beside `path` and swapped in once complete, as
+  `jlora.save_adapter` does: a failed save leaves the old set whole, and
+  `overwrite` replaces only a jlora adapter set (adapters of the old set
+  that are not in this one go with it); anything else at `path` raises
+  `jlora.checkpoint.NotACheckpointError`.
 
   Example:
     >>> jlora.save_adapter_set("/tmp/adapters", s)
     >>> s2 = jlora.load_adapter_set("/tmp/adapters", params)
   """
   from jlora import _checkpoint_io as io
-  from jlora.checkpoint import save_adapter
+  from jlora.checkpoint import write_adapter
 
-  directory = io.as_path(path)
-  index = directory / INDEX_FILE
-  if index.exists() and not overwrite:
-    raise FileExistsError(f"{directory} already holds an adapter set; pass"
-                          " overwrite=True to replace it")
   if not adapter_set.names:
     raise ValueError("the adapter set is empty; add_adapter first")
-  directory.mkdir(parents=True, exist_ok=True)
-  if index.exists():
-    stale = set(json.loads(index.read_text()).get("adapters", []))
-    index.unlink()  # an interrupted overwrite then loads as nothing, not half
-    for name in stale - set(adapter_set.names):
-      # Only names this module could have written: never '..' or a path.
-      if _is_name(name) and (directory / name).exists():
-        (directory / name).rmtree()
-  for name in adapter_set.names:
-    save_adapter(directory / _check_name(name), select(adapter_set, name),
-                 metadata={"adapter_set": name}, overwrite=overwrite)
-  index.write_text(json.dumps({
-      "format": SET_FORMAT, "format_version": FORMAT_VERSION,
-      "adapters": list(adapter_set.names), "active": adapter_set.active},
-                              indent=1))
+  names = [_check_name(name) for name in adapter_set.names]
+  with io.saving(path, _set_kind(), overwrite=overwrite) as tmp:
+    if jax.process_index() == 0:
+      tmp.mkdir()
+    for name in names:
+      write_adapter(tmp / name, select(adapter_set, name),
+                    metadata={"adapter_set": name})
+    if jax.process_index() == 0:
+      (tmp / INDEX_FILE).write_text(json.dumps(io.seal({
+          "format": SET_FORMAT, "format_version": FORMAT_VERSION,
+          "adapters": names, "active": adapter_set.active}), indent=1))
 
 
 def load_adapter_set(path, base_params: Any, *,
@@ -530,24 +561,42 @@ def load_adapter_set(path, base_params: Any, *,
 
   Raises:
     FileNotFoundError: no index, or an adapter's directory is missing (named).
+    CheckpointCorruptError: an unreadable or edited index, or a damaged
+      adapter (named).
 
   Example:
     >>> s = jlora.load_adapter_set("/tmp/adapters", params, names=["sql"])
   """
   from jlora import _checkpoint_io as io
+
+  with io.reading(path) as directory:
+    return _load_adapter_set(directory, base_params, names, kwargs)
+
+
+def _load_adapter_set(directory, base_params, names, kwargs) -> AdapterSet:
+  from jlora import _checkpoint_io as io
   from jlora.checkpoint import load_adapter
 
-  directory = io.as_path(path)
   index_path = directory / INDEX_FILE
   if not index_path.exists():
     raise FileNotFoundError(
         f"no adapter set at {directory} (no {INDEX_FILE}); write one with"
         " jlora.save_adapter_set, or load a single adapter with"
         " jlora.load_adapter")
-  index = json.loads(index_path.read_text())
-  if index.get("format") != SET_FORMAT:
+  try:
+    index = json.loads(index_path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise io.CheckpointCorruptError(
+        f"{index_path} is not readable JSON ({e}); save the set again, or"
+        " load its adapters one by one with jlora.load_adapter") from e
+  if not isinstance(index, dict) or index.get("format") != SET_FORMAT:
     raise ValueError(f"{index_path} is not a jlora adapter set index")
-  saved = list(index["adapters"])
+  # An index of format_version 1 has no digests: its adapters are checked.
+  io.check_seal(index, directory, True, record=index_path)
+  saved = index.get("adapters")
+  if not isinstance(saved, list):
+    raise io.CheckpointCorruptError(
+        f"{index_path} has no list of 'adapters'; save the set again")
   bad = [n for n in saved if not _is_name(n)]
   if bad:
     raise ValueError(f"{index_path} lists invalid adapter names {bad}")

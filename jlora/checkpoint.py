@@ -10,40 +10,56 @@
   key, JSON extras) over `orbax.checkpoint.CheckpointManager`.
 
 Every checkpoint is a plain Orbax composite checkpoint (items ``arrays`` and
-``meta``), committed atomically by Orbax (tmp dir, then rename), with two
-integrity checks of jlora's own: per-array checksums in ``meta`` and a file
-manifest (size, CRC32). A damaged file raises `CheckpointCorruptError`
+``meta``) with three integrity checks of jlora's own: per-array checksums and
+a digest of every field of the record in ``meta``, and a file manifest (size,
+CRC32). A damaged file or an edited record raises `CheckpointCorruptError`
 naming it; an interrupted save is never listed as a step.
+
+Saves never lose data: `save_adapter` / `save_merged` write beside the
+target and swap the new directory in only once it is complete, so the old
+checkpoint survives any failure of the new save; they replace only a
+checkpoint of their own kind (anything else raises `NotACheckpointError`);
+two processes saving one path take turns on a lock file beside it
+(``.<name>.jlora-lock``). See `jlora._atomic_dir`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import json
+import numbers
 from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jlora import _atomic_dir
 from jlora import _checkpoint_io as io
 from jlora import _paths
 from jlora.inject import _adapter_shardings
 from jlora.merge import merge
 from jlora.node import check_single, is_lora
+from jlora._atomic_dir import CheckpointBusyError, NotACheckpointError
 from jlora._checkpoint_io import CheckpointCorruptError, CheckpointMismatchError
 
 __all__ = [
-    "AdapterMismatchError", "CheckpointCorruptError", "CheckpointManager",
-    "CheckpointMismatchError", "Restored", "load_adapter", "load_merged",
-    "read_metadata", "save_adapter", "save_merged",
+    "AdapterMismatchError", "CheckpointBusyError", "CheckpointCorruptError",
+    "CheckpointManager", "CheckpointMismatchError", "NotACheckpointError",
+    "Restored", "load_adapter", "load_merged", "read_metadata",
+    "save_adapter", "save_merged",
 ]
 
 ADAPTER_FORMAT = "jlora.adapter"
 MERGED_FORMAT = "jlora.merged"
 TRAIN_FORMAT = "jlora.train"
-FORMAT_VERSION = 1
+# 2: the record carries per-field digests ("integrity") and the base
+# kernels' value checksums. Version 1 records still load (see check_seal).
+FORMAT_VERSION = 2
+ADAPTER_KIND = io.checkpoint_kind(ADAPTER_FORMAT, "a jlora adapter")
+MERGED_KIND = io.checkpoint_kind(MERGED_FORMAT, "a jlora merged-params")
 
 Shardings = Union[None, jax.sharding.Sharding,
                   Callable[[str, str, Any], Any]]
@@ -85,31 +101,32 @@ def _node_class(name: str):
 # ----------------------------------------------------------------- adapters
 
 
-def save_adapter(path, tree: Any, *, metadata: dict | None = None,
-                 overwrite: bool = False) -> None:
-  """Writes the adapters of a LoRA tree (never the base) as an Orbax checkpoint.
+def _kernel_checksums(kernels: dict[str, Any]) -> dict[str, str]:
+  """Value checksums of base kernels: 16 hex digits for an array,
+  ``"quantized:"`` + a digest of its parts for a quantized kernel."""
+  def concrete(x):  # not abstract, not donated
+    deleted = getattr(x, "is_deleted", None)  # tracers have none
+    return isinstance(x, np.ndarray) or (
+        isinstance(x, jax.Array) and deleted is not None and not deleted())
 
-  Saved: every non-``None`` array field of each `LoRA` node except ``w``
-  (``a`` (*stacked, in, r), ``b`` (*stacked, r, out), and ``e``/``m`` when
-  present), so the size on disk is the adapter bytes plus a few KiB. The JSON
-  record holds the jlora version, `metadata`, each target's configuration
-  (class, rank and static fields: alpha, layout, rslora, dropout, path;
-  shape, dtype and checksum of every saved field) and the base fingerprint:
-  path, shape and dtype of every targeted kernel.
+  plain = {p: k for p, k in kernels.items() if concrete(k)}
+  out = io.checksums(plain) if plain else {}
+  for p, k in kernels.items():
+    if p in plain:
+      continue
+    leaves = jax.tree.leaves(k)
+    if not leaves or not all(map(concrete, leaves)):
+      continue  # abstract, donated or unknown: shape and dtype only
+    parts = io.checksums({str(i): x for i, x in enumerate(leaves)})
+    out[p] = "quantized:" + hashlib.sha256(
+        ",".join(parts[str(i)] for i in range(len(leaves))).encode()
+    ).hexdigest()[:16]
+  return out
 
-  Args:
-    path: a directory that does not exist yet (or `overwrite=True`); local
-      or any path Orbax writes (e.g. ``gs://``).
-    tree: a LoRA tree holding the base kernels (``jlora.apply``'s output, or
-      ``jlora.combine(trainable, frozen)``).
-    metadata: JSON-serialisable user record, returned by `read_metadata`.
-    overwrite: replace an existing checkpoint at `path`.
 
-  Example:
-    >>> jlora.save_adapter("/tmp/adapter", lp, metadata={"task": "sst2"})
-    >>> lp2 = jlora.load_adapter("/tmp/adapter", params)
-  """
-  directory = io.as_path(path)
+def _adapter_record(tree: Any, metadata: dict | None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The arrays and JSON record `save_adapter` writes."""
   nodes = [(p, x) for p, x in _paths.leaves_with_path(tree) if is_lora(x)]
   if not nodes:
     raise ValueError("save_adapter found no LoRA nodes in the tree; call"
@@ -143,11 +160,64 @@ def save_adapter(path, tree: Any, *, metadata: dict | None = None,
   for p, record in targets.items():
     for name, s in record["fields"].items():
       s["checksum"] = sums[f"{p}/{name}"]
+  for p, checksum in _kernel_checksums(
+      {p: node.w for p, node in nodes}).items():
+    base[p]["checksum"] = checksum
   meta = {"format": ADAPTER_FORMAT, "format_version": FORMAT_VERSION,
           "jlora_version": io.jlora_version(),
           "metadata": _json_value(metadata or {}, "metadata"),
           "targets": targets, "base": base}
-  io.composite_save(directory, arrays, meta, force=overwrite)
+  return arrays, meta
+
+
+def write_adapter(directory, tree: Any, metadata: dict | None = None) -> None:
+  """`save_adapter` into a directory that does not exist (no swap, no
+  lock): for a caller that swaps a whole tree in, e.g. `save_adapter_set`."""
+  arrays, meta = _adapter_record(tree, metadata)
+  io.write_checkpoint(io.as_path(directory), arrays, meta)
+
+
+def save_adapter(path, tree: Any, *, metadata: dict | None = None,
+                 overwrite: bool = False) -> None:
+  """Writes the adapters of a LoRA tree (never the base) as an Orbax checkpoint.
+
+  Saved: every non-``None`` array field of each `LoRA` node except ``w``
+  (``a`` (*stacked, in, r), ``b`` (*stacked, r, out), and ``e``/``m`` when
+  present), so the size on disk is the adapter bytes plus a few KiB. The JSON
+  record holds the jlora version, `metadata`, each target's configuration
+  (class, rank and static fields: alpha, layout, rslora, dropout, path;
+  shape, dtype and checksum of every saved field), the base fingerprint
+  (path, shape, dtype and a value checksum of every targeted kernel) and a
+  digest of each of its own fields.
+
+  The checkpoint is written beside `path` and swapped in once complete: if
+  the save fails (full disk, a crash), the checkpoint that was at `path`
+  is still there, whole. A symlink at `path` is followed.
+
+  Args:
+    path: a directory that does not exist yet, an empty one, or (with
+      `overwrite`) a jlora adapter checkpoint; local or any path Orbax
+      writes (e.g. ``gs://``).
+    tree: a LoRA tree holding the base kernels (``jlora.apply``'s output, or
+      ``jlora.combine(trainable, frozen)``).
+    metadata: JSON-serialisable user record, returned by `read_metadata`.
+    overwrite: replace an existing adapter checkpoint at `path`.
+
+  Raises:
+    FileExistsError: an adapter is at `path` and `overwrite` is False.
+    NotACheckpointError (a FileExistsError): `path` is a file, a directory
+      that is not a jlora adapter checkpoint (the user's files, a merged
+      checkpoint...), or inside another checkpoint. It is never deleted.
+    CheckpointBusyError: another process kept writing `path` for longer
+      than 10 minutes (two savers of one path take turns).
+
+  Example:
+    >>> jlora.save_adapter("/tmp/adapter", lp, metadata={"task": "sst2"})
+    >>> lp2 = jlora.load_adapter("/tmp/adapter", params)
+  """
+  arrays, meta = _adapter_record(tree, metadata)
+  with io.saving(path, ADAPTER_KIND, overwrite=overwrite) as tmp:
+    io.write_checkpoint(tmp, arrays, meta)
 
 
 def read_metadata(path) -> dict[str, Any]:
@@ -157,7 +227,8 @@ def read_metadata(path) -> dict[str, Any]:
     >>> jlora.read_metadata("/tmp/adapter")["targets"]["dense/kernel"]["rank"]
     8
   """
-  return io.read_meta(io.as_path(path))
+  with io.reading(path) as directory:
+    return io.open_checked(directory)
 
 
 def _field_sharding(kernel: Any, layout: str, name: str):
@@ -181,7 +252,7 @@ def _field_sharding(kernel: Any, layout: str, name: str):
 
 
 def _fingerprint_problems(meta, kernels, lora_paths, allow_missing,
-                          allow_extra):
+                          allow_extra, allow_other_base):
   problems, fatal = [], []
   for p, want in meta["base"].items():
     shape, dtype = tuple(want["shape"]), want["dtype"]
@@ -196,6 +267,17 @@ def _fingerprint_problems(meta, kernels, lora_paths, allow_missing,
       fatal.append((p, f"shape {shape}", f"shape {found_shape}"))
     if found_dtype != dtype:
       fatal.append((p, f"dtype {dtype}", f"dtype {found_dtype}"))
+  if not fatal and not allow_other_base:
+    # Only like with like: an adapter trained on a quantized base may be
+    # loaded onto the unquantized one (to merge, as QLoRA does).
+    saved = {p: want["checksum"] for p, want in meta["base"].items()
+             if "checksum" in want and p in kernels}
+    found = _kernel_checksums({p: kernels[p] for p in saved})
+    fatal += [(p, f"values with checksum {saved[p]}",
+               f"values with checksum {found[p]}")
+              for p in saved if p in found and found[p] != saved[p]
+              and found[p].startswith("quantized:") == saved[p].startswith(
+                  "quantized:")]
   if not allow_extra:
     problems += [(p, "no adapter", "a LoRA node") for p in lora_paths
                  if p not in meta["base"]]
@@ -217,19 +299,25 @@ def _mismatch_message(path, problems, fatal) -> str:
   if any(e.startswith("dtype") for _, e, _ in fatal):
     fixes.append("cast the base to the saved dtype, e.g. jax.tree.map(lambda"
                  " x: x.astype(jnp.bfloat16), params)")
+  if any(e.startswith("values") for _, e, _ in fatal):
+    fixes.append("these kernels are not the ones the adapter was trained on"
+                 " (another checkpoint of the same architecture?): load it"
+                 " onto its own base, or pass allow_other_base=True if that"
+                 " is intended (e.g. a re-converted copy)")
   return (f"adapter {path} does not fit these params ({len(lines)}"
           " problem(s)):\n" + "\n".join(lines) + "\nfix: " + "; ".join(fixes))
 
 
 def load_adapter(path, base_params: Any, *, allow_missing: bool = False,
-                 allow_extra: bool = False,
+                 allow_extra: bool = False, allow_other_base: bool = False,
                  shardings: Shardings = None) -> Any:
   """Re-attaches a saved adapter to base params; returns the LoRA tree.
 
   The result equals, bit for bit and with the same static fields, the tree
   that was saved (``jlora.apply`` + training). Each targeted kernel is
-  checked against the saved fingerprint first; every problem is reported in
-  one `AdapterMismatchError`.
+  checked against the saved fingerprint first (path, shape, dtype, and the
+  checksum of its values); every problem is reported in one
+  `AdapterMismatchError`.
 
   Args:
     path: a directory written by `save_adapter`.
@@ -239,6 +327,12 @@ def load_adapter(path, base_params: Any, *, allow_missing: bool = False,
       (restore onto a subset of the targets). Default: an error.
     allow_extra: keep, unchanged, LoRA nodes of `base_params` that the
       adapter does not cover (a superset of the targets). Default: an error.
+    allow_other_base: accept kernels of the saved shapes and dtypes whose
+      values differ from those the adapter was saved with (another model of
+      the same architecture, a re-converted copy). Default: an error. The
+      values are compared only like with like: an adapter trained on a
+      quantized base loads onto the plain one, and records written before
+      jlora recorded value checksums are checked for shape and dtype only.
     shardings: where the adapter arrays go. ``None``: derived from each
       kernel's ``NamedSharding`` (``a``: the kernel's stacked-axes spec + its
       first input axis, rank replicated; ``b``: stacked + ``None`` + first
@@ -248,21 +342,31 @@ def load_adapter(path, base_params: Any, *, allow_missing: bool = False,
 
   Raises:
     AdapterMismatchError: a target path missing from the base, a kernel
-      shape or dtype differing from the fingerprint.
-    CheckpointCorruptError: a damaged or truncated file (named).
+      shape, dtype or values differing from the fingerprint.
+    CheckpointCorruptError: a damaged or truncated file, or an edited
+      record (named).
+    FileNotFoundError / NotADirectoryError: no checkpoint at `path` (the
+      message says what is there instead).
 
   Example:
     >>> lp = jlora.load_adapter("/tmp/adapter", params)
     >>> logits = jlora.wrap(model.apply)({"params": lp}, x)
   """
-  directory = io.as_path(path)
+  with io.reading(path) as directory:
+    return _load_adapter(directory, base_params, allow_missing, allow_extra,
+                         allow_other_base, shardings)
+
+
+def _load_adapter(directory, base_params, allow_missing, allow_extra,
+                  allow_other_base, shardings):
   meta = io.open_checked(directory, ADAPTER_FORMAT, "an adapter",
                          "use load_merged or CheckpointManager")
   leaves = dict(_paths.leaves_with_path(base_params))
   kernels = {p: (x.w if is_lora(x) else x) for p, x in leaves.items()}
   lora_paths = [p for p, x in leaves.items() if is_lora(x)]
   problems, fatal = _fingerprint_problems(meta, kernels, lora_paths,
-                                          allow_missing, allow_extra)
+                                          allow_missing, allow_extra,
+                                          allow_other_base)
   if problems or fatal:
     raise AdapterMismatchError(_mismatch_message(directory, problems, fatal),
                                fatal + problems)
@@ -302,13 +406,14 @@ def save_merged(path, tree: Any, *, metadata: dict | None = None,
                 overwrite: bool = False) -> None:
   """Writes ``jlora.merge(tree)``: plain params, each kernel in its base dtype.
 
-  Loadable with plain Orbax (item ``arrays``) or `load_merged`.
+  Loadable with plain Orbax (item ``arrays``) or `load_merged`. Written
+  beside `path` and swapped in once complete, replacing only a merged
+  checkpoint (with `overwrite`), as `save_adapter` does.
 
   Example:
     >>> jlora.save_merged("/tmp/merged", lp)
     >>> params = jlora.load_merged("/tmp/merged", like=params)
   """
-  directory = io.as_path(path)
   flat, _ = io.flatten(merge(tree))
   arrays, impls = io.to_savable(flat)
   sums = io.checksums(arrays)
@@ -318,7 +423,8 @@ def save_merged(path, tree: Any, *, metadata: dict | None = None,
           "arrays": {k: {**io.spec(x), "checksum": sums[k]}
                      for k, x in arrays.items()},
           "keys": impls}
-  io.composite_save(directory, arrays, meta, force=overwrite)
+  with io.saving(path, MERGED_KIND, overwrite=overwrite) as tmp:
+    io.write_checkpoint(tmp, arrays, meta)
 
 
 def _check_like(directory, saved: dict, like_flat: dict, what: str) -> None:
@@ -368,7 +474,11 @@ def load_merged(path, like: Any = None) -> Any:
   Example:
     >>> params = jlora.load_merged("/tmp/merged", like=params)
   """
-  directory = io.as_path(path)
+  with io.reading(path) as directory:
+    return _load_merged(directory, like)
+
+
+def _load_merged(directory, like):
   meta = io.open_checked(directory, MERGED_FORMAT, "merged params",
                          "use load_adapter")
   saved = meta["arrays"]
@@ -389,6 +499,40 @@ def load_merged(path, like: Any = None) -> Any:
 
 
 # ----------------------------------------------------------------- training
+
+
+def _check_run_directory(directory) -> None:
+  """Refuses a CheckpointManager directory whose contents Orbax would
+  mistake for steps (and delete), or that is a checkpoint itself."""
+  if not directory.exists():
+    return
+  if not directory.is_dir():
+    raise NotACheckpointError(
+        f"CheckpointManager directory {directory} is a file; pass a"
+        " directory path")
+  names = _atomic_dir.entries(directory)
+  if {"meta", "adapter_set.json", "adapter_config.json",
+      io.MANIFEST} & set(names):
+    raise NotACheckpointError(
+        f"{directory} is itself a checkpoint (adapter, merged, adapter set or"
+        " PEFT), not a CheckpointManager directory; pass another directory")
+  strays = []
+  for name in names:
+    if not name.isdigit():
+      continue  # Orbax's own tmp dirs, and other names, are not steps
+    step = directory / name
+    # Ours or Orbax's (any version): what a step of either holds.
+    marks = {"_CHECKPOINT_METADATA", "commit_success.txt", "meta", "arrays",
+             io.MANIFEST}
+    if step.is_dir() and _atomic_dir.entries(step) and not (
+        marks & set(_atomic_dir.entries(step))):
+      strays.append(name)
+  if strays:
+    raise NotACheckpointError(
+        f"{directory} holds {strays[:8]}, named like steps but not jlora"
+        " training checkpoints; Orbax would list them as steps and"
+        " max_to_keep would delete them. Fix: move them out, or give the"
+        " CheckpointManager its own directory")
 
 
 class Restored(NamedTuple):
@@ -412,6 +556,12 @@ class CheckpointManager:
   run in the background unless ``async_save=False``; an interrupted save is
   never listed, the previous step stays restorable.
 
+  The directory must hold only this manager's steps: a numbered entry that
+  is not a jlora training step (Orbax would list it as a step and
+  `max_to_keep` would delete it) raises `NotACheckpointError`, as does a
+  directory that is itself a checkpoint. Saving a step at or before the
+  latest saved one raises (Orbax would skip it silently).
+
   Example:
     >>> with jlora.CheckpointManager("/tmp/run", max_to_keep=2) as ckpt:
     ...   ckpt.save(step, trainable=trainable, opt_state=opt_state, rng=rng)
@@ -420,7 +570,16 @@ class CheckpointManager:
 
   def __init__(self, directory, *, max_to_keep: int | None = 3,
                save_interval_steps: int = 1, async_save: bool = True):
+    if max_to_keep is not None:
+      if (isinstance(max_to_keep, bool) or
+          not isinstance(max_to_keep, numbers.Integral) or max_to_keep < 1):
+        raise ValueError(
+            f"max_to_keep={max_to_keep!r}: pass a positive int (0 would delete"
+            " every checkpoint as soon as it is written), or None to keep"
+            " all")
+      max_to_keep = int(max_to_keep)
     self.directory = io.as_path(directory)
+    _check_run_directory(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
@@ -453,6 +612,13 @@ class CheckpointManager:
       extra: optional JSON-serialisable record (data position, metrics...).
       force: save even if `step` is off the ``save_interval_steps`` grid.
     """
+    latest = self.manager.latest_step()
+    if latest is not None and step <= latest:
+      raise ValueError(
+          f"step {step} is not after the latest checkpoint (step {latest}) in"
+          f" {self.directory}; Orbax would skip this save. Fix: resume from"
+          f" it (restore() gives step {latest}) and save later steps, or save"
+          " a new run to another directory")
     if not force and not self.manager.should_save(step):
       return False
     if self._unmanifested:
@@ -473,7 +639,7 @@ class CheckpointManager:
             "keys": impls, "checksums": sums}
     saved = self.manager.save(step, args=ocp.args.Composite(
         arrays=ocp.args.StandardSave(io.nest(arrays)),
-        meta=ocp.args.JsonSave(meta)), force=force)
+        meta=ocp.args.JsonSave(io.seal(meta))), force=force)
     if saved:
       self._unmanifested.append(step)
       if not self._async:

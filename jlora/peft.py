@@ -226,11 +226,14 @@ def save(tree: Any, directory: str | os.PathLike, *,
       lora_dropout=dropout,
       target_modules=cfg.target_modules(ranks, linear),
       task_type=task_type, base_model_name_or_path=base_model_name_or_path)
-  directory = os.fspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  save_file(tensors, os.path.join(directory, cfg.WEIGHTS_NAME),
-            metadata={"format": "pt"})
-  cfg.write(directory, config)
+  # Written beside `directory`, swapped in whole; never over a non-PEFT dir.
+  from jlora import _atomic_dir  # pylint: disable=import-outside-toplevel
+  with _atomic_dir.replace_dir(directory, _atomic_dir.PEFT) as tmp:
+    tmp = os.fspath(tmp)
+    os.makedirs(tmp)
+    save_file(tensors, os.path.join(tmp, cfg.WEIGHTS_NAME),
+              metadata={"format": "pt"})
+    cfg.write(tmp, config)
 
 
 # --------------------------------------------------------------------- load

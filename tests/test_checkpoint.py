@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import jlora
+from jlora import _checkpoint_io as io
 from jlora.checkpoint import (
     AdapterMismatchError, CheckpointCorruptError, CheckpointManager,
     CheckpointMismatchError, load_adapter, load_merged, read_metadata,
@@ -109,7 +110,9 @@ def test_optional_fields_and_metadata(tmp_path):
   assert {k: (v["shape"], v["dtype"]) for k, v in rec["fields"].items()} == {
       "a": ([8, 4], "float32"), "b": ([4, 32], "float32"),
       "e": ([4], "float32"), "m": ([32], "float32")}
+  checksum = meta["base"]["up/kernel"].pop("checksum")
   assert meta["base"] == {"up/kernel": {"shape": [8, 32], "dtype": "float32"}}
+  assert len(checksum) == 16 and int(checksum, 16) >= 0
   with pytest.raises(TypeError, match="JSON"):
     save_adapter(tmp_path / "b", lp, metadata={"bad": object()})
   with pytest.raises(FileExistsError, match="overwrite=True"):
@@ -241,14 +244,16 @@ def test_corruption_caught_without_manifest(tmp_path):
 
 def test_checksums_catch_values_that_differ(tmp_path):
   # Intact files whose values differ from those saved (forged here by
-  # editing the recorded checksum): the end-to-end check refuses them.
+  # editing the recorded checksum and sealing the record again): the
+  # end-to-end check refuses them.
   params = _params()
   save_adapter(tmp_path / "a", _lora(params))
   (tmp_path / "a" / "jlora_manifest.json").unlink()
   record = tmp_path / "a" / "meta" / "metadata"
   meta = json.loads(record.read_text())
+  del meta["integrity"]
   meta["targets"]["down/kernel"]["fields"]["b"]["checksum"] = "0" * 16
-  record.write_text(json.dumps(meta))
+  record.write_text(json.dumps(io.seal(meta)))
   with pytest.raises(CheckpointCorruptError, match="down/kernel/b"):
     load_adapter(tmp_path / "a", params)
 
