@@ -890,3 +890,30 @@ def test_dequantize_dtypes():
       q.dequantize(bad)
     with pytest.raises(ValueError, match=r"dtype must be a floating dtype"):
       quant.dequantize({"k": q}, bad)
+
+
+@settings(max_examples=10, deadline=None)
+@given(method=st.sampled_from(["nf4", "fp4", "int8"]), dq=st.booleans(),
+       cols=st.sampled_from([128, 100]),
+       bad=st.lists(st.tuples(st.integers(0, 2 * 8 * 128 - 1),
+                              st.sampled_from([np.nan, np.inf, -np.inf])),
+                    min_size=1, max_size=6))
+def test_nonfinite_values_never_spread(method, dq, cols, bad):
+  """Under jit, anywhere and any number of them: each other value
+  dequantizes bit for bit as if the bad ones were 0."""
+  w = np.array(_gaussian((2, 8, cols), seed=len(bad)))
+  flat = w.reshape(-1)
+  spots = {i % flat.size: v for i, v in bad}
+  zeroed = flat.copy()
+  zeroed[list(spots)] = 0.0
+  flat[list(spots)] = list(spots.values())
+  fn = jax.jit(lambda x: quant.quantize_array(
+      x, method, double_quant=dq, dtype=jnp.float32, stacked=1).dequantize())
+  out = np.asarray(fn(jnp.asarray(w))).reshape(-1)
+  ref = np.asarray(fn(jnp.asarray(zeroed.reshape(w.shape)))).reshape(-1)
+  keep = np.ones(flat.size, bool)
+  keep[list(spots)] = False
+  np.testing.assert_array_equal(out[keep], ref[keep])
+  assert np.isfinite(out).all()
+  nan = [i for i, v in spots.items() if np.isnan(v)]
+  np.testing.assert_array_equal(out[nan], 0.0)
