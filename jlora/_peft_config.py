@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,12 +57,6 @@ DEFAULTS: dict[str, Any] = {
     "use_qalora": False, "use_rslora": False, "velora_config": None,
 }
 
-# Fields `load` honours.
-HONOURED = frozenset({
-    "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules",
-    "lora_dropout", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
-    "layers_to_transform", "layers_pattern",
-})
 # Fields that do not change the adapter's maths once its weights exist
 # (initialisation, bookkeeping, distributed layout).
 IGNORED = frozenset({
@@ -74,7 +69,6 @@ IGNORED = frozenset({
 # Fields that change the forward pass or add weights jlora has no place
 # for; `load` accepts only their default ("empty") value.
 _UNSUPPORTED_HINTS = {
-    "fan_in_fan_out": "Conv1D-style (in, out) torch weights (GPT-2)",
     "bias": "trained biases are not part of a jlora adapter",
     "modules_to_save": "fully trained modules; load them into the base"
                        " params yourself and pass the rest",
@@ -104,17 +98,139 @@ def read(directory: str | os.PathLike) -> dict[str, Any]:
         f"{path} not found; jlora.peft.load needs a directory written by"
         " PeftModel.save_pretrained (adapter_config.json +"
         " adapter_model.safetensors)")
-  with open(path) as f:
-    return json.load(f)
-
-
-def check(config: dict[str, Any]) -> None:
-  """Raises PeftFormatError for any field jlora cannot honour."""
-  peft_type = config.get("peft_type", "LORA")
-  if peft_type != "LORA":
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise PeftFormatError(f"{path} is not valid JSON ({e})") from e
+  if not isinstance(config, dict):
     raise PeftFormatError(
-        f"adapter_config.json has peft_type={peft_type!r}; jlora.peft.load"
-        " reads LoRA adapters only (peft_type='LORA')")
+        f"{path} holds a JSON {type(config).__name__}; expected an object of"
+        " LoraConfig fields")
+  return config
+
+
+# ------------------------------------------------------------ field types
+#
+# Every field `load` reads, with the type PEFT's LoraConfig declares. PEFT
+# itself does not check them: "use_rslora": "false" is truthy there and
+# turns rsLoRA on, "r": 2.0 fails deep in torch. jlora raises instead, naming
+# the field. A field left out takes LoraConfig's default, as PEFT's
+# `from_pretrained` does (r=8, lora_alpha=8).
+
+
+def _int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _real(v) -> bool:
+  return (isinstance(v, (int, float)) and not isinstance(v, bool)
+          and math.isfinite(v))
+
+
+def _str_list(v) -> bool:
+  return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _regex(field: str, pattern: str, wrap: str = "{}") -> None:
+  try:
+    re.compile(wrap.format(pattern))
+  except re.error as e:
+    raise PeftFormatError(
+        f"adapter_config.json has {field}={pattern!r}, not a valid regular"
+        f" expression ({e})") from e
+
+
+def _type_error(field: str, value: Any, expected: str) -> PeftFormatError:
+  return PeftFormatError(
+      f"adapter_config.json has {field}={value!r} ({type(value).__name__});"
+      f" expected {expected}")
+
+
+_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (lambda v: _int(v) and v > 0, "a positive int"),
+    "lora_alpha": (_real, "a finite number"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "lora_dropout": (lambda v: _real(v) and 0 <= v < 1,
+                     "a dropout rate in [0, 1)"),
+    "target_modules": (lambda v: isinstance(v, str) or _str_list(v),
+                       "a regex string or a list of module names"),
+    "exclude_modules": (lambda v: v is None or isinstance(v, str)
+                        or _str_list(v),
+                        "null, a regex string or a list of module names"),
+    "rank_pattern": (lambda v: v is None or isinstance(v, dict),
+                     "an object {regex: rank}"),
+    "alpha_pattern": (lambda v: v is None or isinstance(v, dict),
+                      "an object {regex: alpha}"),
+    "layers_to_transform": (
+        lambda v: v is None or (_int(v) and v >= 0) or (
+            isinstance(v, list) and all(_int(x) and x >= 0 for x in v)),
+        "null, a layer index or a list of layer indices (ints >= 0)"),
+    "layers_pattern": (lambda v: v is None or isinstance(v, str)
+                       or _str_list(v),
+                       "null, a string or a list of strings"),
+}
+HONOURED = frozenset(_TYPES) | {"peft_type", "fan_in_fan_out"}
+# Defaults of LoraConfig for the fields `load` reads.
+_READ_DEFAULTS = {"peft_type": "LORA", "r": 8, "lora_alpha": 8,
+                  "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
+                  "exclude_modules": None, "rank_pattern": {},
+                  "alpha_pattern": {}, "layers_to_transform": None,
+                  "layers_pattern": None, "fan_in_fan_out": False}
+
+
+def check(config: dict[str, Any]) -> dict[str, Any]:
+  """The config with defaults filled in; PeftFormatError for a field jlora
+  cannot honour or whose value has the wrong type (named in the message).
+
+  The returned dict has every field `load` reads, ``None`` patterns as
+  ``{}``.
+  """
+  config = dict(config)
+  for name in missing(config):
+    config[name] = _READ_DEFAULTS[name]
+  if config["peft_type"] != "LORA":
+    raise PeftFormatError(
+        f"adapter_config.json has peft_type={config['peft_type']!r};"
+        " jlora.peft.load reads LoRA adapters only (peft_type='LORA')")
+  if "target_modules" not in config or config["target_modules"] is None:
+    raise PeftFormatError(
+        "adapter_config.json has target_modules=None; jlora needs the"
+        " target module names the adapter was trained on")
+  for name, (ok, expected) in _TYPES.items():
+    if not ok(config[name]):
+      raise _type_error(name, config[name], expected)
+  for name in ("rank_pattern", "alpha_pattern"):
+    patterns = config[name] = config[name] or {}
+    rank = name == "rank_pattern"
+    for key, value in patterns.items():
+      _regex(f"{name} key", key, r"(.*\.)?({})$")
+      if not (_int(value) and value > 0 if rank else _real(value)):
+        raise _type_error(f"{name}[{key!r}]", value, "a positive int" if rank
+                          else "a finite number")
+  targets = config["target_modules"]
+  if isinstance(targets, str):
+    _regex("target_modules", targets)
+    for name in ("layers_to_transform", "layers_pattern"):
+      if config[name] not in (None, []):
+        # PEFT's LoraConfig raises the same way.
+        raise PeftFormatError(
+            f"adapter_config.json has {name}={config[name]!r} with a regex"
+            f" target_modules={targets!r}; PEFT allows {name} only with a"
+            " list of target modules")
+  if isinstance(config["exclude_modules"], str):
+    _regex("exclude_modules", config["exclude_modules"])
+  if config["layers_pattern"] and config["layers_to_transform"] is None:
+    raise PeftFormatError(
+        f"adapter_config.json has layers_pattern={config['layers_pattern']!r}"
+        " but no layers_to_transform; PEFT requires both")
+  for p in ([config["layers_pattern"]] if isinstance(
+      config["layers_pattern"], str) else config["layers_pattern"] or []):
+    _regex("layers_pattern", p, r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
+  if not isinstance(config["fan_in_fan_out"], bool):
+    raise _type_error("fan_in_fan_out", config["fan_in_fan_out"],
+                      "true or false")
   for name, value in config.items():
     if name in HONOURED or name in IGNORED:
       continue
@@ -137,15 +253,12 @@ def check(config: dict[str, Any]) -> None:
           f" does not know whether it changes the adapter (written by PEFT"
           f" {config.get('peft_version', '?')}, jlora knows PEFT"
           f" {PEFT_VERSION}); remove it if it is a no-op")
-  dropout = config.get("lora_dropout", 0.0) or 0.0
-  if not 0.0 <= dropout < 1.0:
-    raise PeftFormatError(
-        f"adapter_config.json has lora_dropout={dropout!r}; expected a rate"
-        " in [0, 1)")
-  if config.get("target_modules") is None:
-    raise PeftFormatError(
-        "adapter_config.json has target_modules=None; jlora needs the"
-        " target module names the adapter was trained on")
+  return config
+
+
+def missing(config: dict[str, Any]) -> list[str]:
+  """Fields `load` reads that the file leaves to LoraConfig's defaults."""
+  return sorted(set(_READ_DEFAULTS) - set(config))
 
 
 # ------------------------------------------------------------ PEFT matching

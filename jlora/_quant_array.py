@@ -23,13 +23,25 @@ Otherwise each slice is stored flat, zero-padded to a whole number of blocks:
 Double quantization (QLoRA): the ``m`` block scales of each slice, minus
 their mean ``offset``, are quantized blockwise again, 256 per block, to 8-bit
 indices into bitsandbytes' signed "dynamic" code, with float32 second-level
-scales ``absmax2 (*stacked, ceil(m / 256))`` and ``offset (*stacked,)``.
+scales ``absmax2 (*stacked, max(1, ceil(m / 256)))`` and ``offset
+(*stacked,)``.
+
+Non-finite values (inf, NaN, or a float64 value beyond float32's range) have
+no code. `quantize_array` raises on them when its input is concrete; on a
+traced input (under `jit`) it cannot, and quantizes each as the nearest
+finite value its block can hold: ``+-inf`` as ``+-absmax`` of the block's
+finite values, NaN as 0. A block's scale is the maximum of its finite
+values, so every other value of the kernel quantizes exactly as if the bad
+one were 0: nothing spreads beyond the bad value itself (with double
+quantization too, whose slice-wide mean would otherwise carry it to every
+block of the slice).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -123,15 +135,33 @@ def _layout(slice_shape: tuple[int, ...], block_size: int):
   return False, nblocks, nblocks * block_size, (nblocks,)
 
 
-def _check_args(method: str, block_size: int):
-  if method not in METHODS:
+def _check_args(method: str, block_size: int) -> int:
+  """Validates (method, block_size); returns block_size as a Python int."""
+  if not isinstance(method, str) or method not in METHODS:
     raise ValueError(
         f"unknown quantization method {method!r}; use one of {METHODS}")
-  if (isinstance(block_size, bool) or not isinstance(block_size, int)
+  if (isinstance(block_size, (bool, np.bool_))
+      or not isinstance(block_size, numbers.Integral)
       or block_size < 2 or block_size % 2):
     raise ValueError(
         f"block_size must be an even int >= 2 (64 is QLoRA's), got"
-        f" {block_size!r}")
+        f" {block_size!r}; 4-bit codes are packed two per byte, so a block"
+        " holds an even number of values")
+  return int(block_size)
+
+
+def _floating(dtype: Any, what: str) -> np.dtype:
+  """``dtype`` as a NumPy dtype, or a ValueError if it is not floating."""
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError as e:
+    raise ValueError(f"{what} must be a floating dtype, got {dtype!r}") from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+        f"{what} must be a floating dtype (bfloat16, float16, float32),"
+        f" got {dtype.name}: a kernel dequantizes to real values, which an"
+        " integer or bool dtype would truncate")
+  return dtype
 
 
 def _blocks(x: Array, stacked: int, block_size: int) -> Array:
@@ -151,9 +181,11 @@ def _double_quantize(absmax: Array, stacked: int):
   lead, g_shape = absmax.shape[:stacked], absmax.shape[stacked:]
   m = math.prod(g_shape)
   flat = absmax.reshape(*lead, m)
-  offset = jnp.mean(flat, axis=-1)
+  # An empty slice (a zero-size kernel) has offset 0 and one second-level
+  # block, so every stored array keeps a well-defined shape.
+  offset = jnp.mean(flat, axis=-1) if m else jnp.zeros(lead, jnp.float32)
   centred = flat - offset[..., None]
-  nb2 = -(-m // BLOCK_SIZE2)
+  nb2 = max(1, -(-m // BLOCK_SIZE2))
   padded = jnp.pad(centred, [(0, 0)] * stacked + [(0, nb2 * BLOCK_SIZE2 - m)])
   padded = padded.reshape(*lead, nb2, BLOCK_SIZE2)
   absmax2 = jnp.max(jnp.abs(padded), axis=-1)
@@ -167,9 +199,13 @@ def quantize_arrays(x: Array, method: str, block_size: int, double_quant: bool,
                     stacked: int):
   """(codes, absmax, absmax2, offset) of ``x``; see the module docstring."""
   blocks = _blocks(x, stacked, block_size)
-  absmax = jnp.max(jnp.abs(blocks), axis=-1)
+  # Non-finite values stay out of the block scale and saturate: +-inf to
+  # +-1, NaN to 0 (see the module docstring); finite values are unchanged.
+  finite = jnp.isfinite(blocks)
+  absmax = jnp.max(jnp.where(finite, jnp.abs(blocks), 0.0), axis=-1)
   safe = jnp.where(absmax > 0, absmax, 1.0)
-  normed = blocks / safe[..., None]
+  normed = jnp.where(jnp.isnan(blocks), 0.0, blocks) / safe[..., None]
+  normed = jnp.where(finite, normed, jnp.clip(normed, -1.0, 1.0))
   lead, slice_shape = x.shape[:stacked], tuple(x.shape[stacked:])
   structured, _, npad, _ = _layout(slice_shape, block_size)
   row = slice_shape if structured else (npad,)
@@ -311,9 +347,11 @@ class QuantizedArray:
   def dequantize(self, dtype=None) -> Array:
     """The kernel, ``code_value * absmax`` per block, in ``dtype``.
 
-    Computed in float32 and cast once (default: the compute dtype).
+    Computed in float32 and cast once (default: the compute dtype; a
+    floating dtype, as integer values would truncate the kernel).
     """
-    dtype = jnp.dtype(dtype or self.dtype)
+    dtype = _floating(self.dtype if dtype is None else dtype,
+                      "dequantize's dtype")
     if isinstance(self.codes, jax.core.Tracer):
       return self._dequantize(dtype)
     return _dequantize_jit(self, dtype)  # one compiled program when eager
@@ -400,29 +438,81 @@ def is_quantized(x: Any) -> bool:
 
 def quantize_array(x: Array, method: str = "nf4", *, block_size: int = 64,
                    double_quant: bool = True, dtype: Any = jnp.bfloat16,
-                   stacked: int = 0) -> QuantizedArray:
+                   stacked: int = 0, name: str | None = None
+                   ) -> QuantizedArray:
   """One array to a `QuantizedArray`; shardings follow ``x``'s where they can.
 
-  ``stacked``: number of leading axes that blocks do not cross.
+  ``x`` must be floating point (float64 is quantized from its float32
+  values); ``dtype``, the compute dtype, too. ``stacked``: number of leading
+  axes that blocks do not cross. ``name`` (the kernel's path) is used in
+  error messages.
+
+  Raises:
+    ValueError: a bad method, block size or dtype; an integer, bool or
+      already quantized ``x``; or, when ``x`` is concrete, inf or NaN values
+      in it (under `jit` they are saturated instead; see the module
+      docstring).
+
+  Example:
+    >>> q = quantize_array(w, "nf4", name="dense/kernel")
+    >>> q.dequantize(jnp.float32).shape == w.shape
+    True
   """
-  _check_args(method, block_size)
-  shape = tuple(x.shape)
-  if not 0 <= stacked < len(shape):
+  what = f"'{name}'" if name else "the array"
+  block_size = _check_args(method, block_size)
+  if is_quantized(x):
     raise ValueError(
-        f"stacked={stacked} leaves no axis to quantize in shape {shape}")
+        f"{what} is already quantized ({x.method}, block_size"
+        f" {x.block_size}); quantizing its values again would add a second"
+        " rounding error. Pass x.dequantize(jnp.float32) to re-quantize on"
+        " purpose")
+  if not hasattr(x, "dtype"):
+    x = np.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(
+        f"{what} has dtype {jnp.dtype(x.dtype).name}; only floating point"
+        " kernels can be quantized (their values are scaled into [-1, 1]);"
+        " cast it to a float dtype first, or leave it out of the targets")
+  if not isinstance(double_quant, (bool, np.bool_)):
+    raise ValueError(f"double_quant must be a bool, got {double_quant!r}")
+  double_quant = bool(double_quant)
+  shape = tuple(x.shape)
+  if not (isinstance(stacked, numbers.Integral)
+          and 0 <= stacked < len(shape)):
+    raise ValueError(
+        f"stacked={stacked!r} leaves no axis to quantize in shape {shape} of"
+        f" {what}")
+  stacked = int(stacked)
   slice_shape = shape[stacked:]
   static = dict(method=method, block_size=block_size,
-                slice_shape=slice_shape, dtype=jnp.dtype(dtype))
+                slice_shape=slice_shape,
+                dtype=_floating(dtype, "the compute dtype"))
 
   def impl(x):
     codes, absmax, absmax2, offset = quantize_arrays(
         x, method, block_size, double_quant, stacked)
     return QuantizedArray(codes, absmax, absmax2, offset, **static)
 
+  if isinstance(x, jax.core.Tracer):
+    return impl(x)
+  bad = int(_count_nonfinite(x))
+  if bad:
+    wide = (" (or beyond float32's range, where quantization computes)"
+            if jnp.dtype(x.dtype).itemsize > 4 else "")
+    raise ValueError(
+        f"{what} has {bad} non-finite value{'s' * (bad > 1)} (inf or NaN"
+        f"{wide}) of {x.size}; a block scale cannot represent them. Fix the"
+        " kernel (e.g. jnp.nan_to_num) or leave it out of the targets")
   shardings = _out_shardings(x, stacked, static, double_quant)
   if shardings is None:
-    return impl(x) if isinstance(x, jax.core.Tracer) else jax.jit(impl)(x)
+    return jax.jit(impl)(x)
   return jax.jit(impl, out_shardings=shardings)(x)
+
+
+@jax.jit
+def _count_nonfinite(x: Array) -> Array:
+  # In float32, as quantization computes: a float64 beyond its range counts.
+  return jnp.sum(~jnp.isfinite(x.astype(jnp.float32)))
 
 
 def _axis_size(mesh, entry) -> int:

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Iterator
@@ -126,6 +127,13 @@ def _check_node(path: str, node: LoRA) -> None:
         f"LoRA node '{path}' has field e (AdaLoRA per-rank gains), which a"
         " PEFT LoRA adapter cannot hold; fold them into b first:"
         " dataclasses.replace(node, b=node.e[..., :, None] * node.b, e=None)")
+  for field in ("a", "b", "m"):
+    x = getattr(node, field)
+    if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
+      raise PeftFormatError(
+          f"LoRA node '{path}' has {field} of dtype {jnp.dtype(x.dtype).name};"
+          " LoRA factors are floating point: cast them (e.g. with"
+          " jax.tree.map) before saving")
 
 
 def _global(nodes: list[tuple[str, LoRA]], field: str, value) -> Any:
@@ -136,6 +144,18 @@ def _global(nodes: list[tuple[str, LoRA]], field: str, value) -> Any:
         f"PEFT's adapter_config.json has one {field} for all modules but"
         f" these LoRA nodes differ: {example}; save them as separate adapters")
   return values.pop()
+
+
+def _check_finite(tensors: dict[str, np.ndarray]) -> None:
+  for key, value in tensors.items():
+    bad = value.size - int(np.count_nonzero(np.isfinite(
+        value.astype(np.float32))))
+    if bad:
+      # jlora.peft.load (and any PEFT model) would only produce NaNs.
+      raise PeftFormatError(
+          f"'{key}' would hold {bad} non-finite value{'s' * (bad > 1)} (inf"
+          " or NaN): the adapter has diverged. Keep training state with"
+          " jlora.save_adapter; export to PEFT a finite adapter")
 
 
 def _host(x: Any, index: int | None) -> np.ndarray:
@@ -216,6 +236,7 @@ def save(tree: Any, directory: str | os.PathLike, *,
       if dora:
         tensors[f"{key}.{_M}"] = _host(node.m, index)
       ranks[name], alphas[name] = node.rank, cfg.number(node.alpha)
+  _check_finite(tensors)
   r, rank_pattern = cfg.patterns(ranks)
   alpha, alpha_pattern = cfg.patterns(alphas)
   linear = [n for m in modules for n in m.names]
@@ -245,11 +266,24 @@ def _read_tensors(directory: str) -> dict[str, dict[str, np.ndarray]]:
 
   path = os.path.join(directory, cfg.WEIGHTS_NAME)
   if not os.path.isfile(path):
+    other = [n for n in ("adapter_model.bin", "adapter_model.pt")
+             if os.path.isfile(os.path.join(directory, n))]
+    hint = (f"; the directory has {other[0]}, a pickled torch file, which"
+            " jlora does not unpickle. Convert it where torch is installed:"
+            " safetensors.torch.save_file(torch.load(bin, weights_only=True),"
+            f" '{cfg.WEIGHTS_NAME}')" if other else "")
     raise FileNotFoundError(
         f"{path} not found; jlora.peft.load reads safetensors adapters as"
-        " written by PeftModel.save_pretrained (safe_serialization=True)")
+        f" written by PeftModel.save_pretrained (safe_serialization=True)"
+        f"{hint}")
+  try:
+    tensors = load_file(path)
+  except Exception as e:  # safetensors' own error type is not exported
+    raise PeftFormatError(
+        f"cannot read {path} ({e}); the file is truncated or not a"
+        " safetensors file: save the adapter again") from e
   groups: dict[str, dict[str, np.ndarray]] = {}
-  for key, value in load_file(path).items():
+  for key, value in tensors.items():
     field = next((f for f in (_A, _B, _M_OLD, _M, _BASE)
                   if key.endswith("." + f)), None)
     if not key.startswith(cfg.KEY_PREFIX) or field is None:
@@ -259,29 +293,80 @@ def _read_tensors(directory: str) -> dict[str, dict[str, np.ndarray]]:
           f"unexpected key '{key}' in {path}{hint}; expected keys"
           f" '{cfg.KEY_PREFIX}<module>.{{{_A}, {_B}, {_M}}}'")
     module = key[len(cfg.KEY_PREFIX):-len(field) - 1]
-    groups.setdefault(module, {})[_M if field == _M_OLD else field] = value
+    field = _M if field == _M_OLD else field
+    if field in groups.get(module, {}):
+      raise PeftFormatError(
+          f"'{cfg.KEY_PREFIX}{module}.{_M}' and '.{_M_OLD}' are both in"
+          f" {path}: two magnitude vectors for one module")
+    groups.setdefault(module, {})[field] = value
   return groups
 
 
-def _expect(key: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
+def _adapter_dtype(groups, dtype) -> np.dtype:
+  """The one dtype of every adapter array (see `load`)."""
+  if dtype is not None:
+    try:
+      chosen = jnp.dtype(dtype)
+    except TypeError as e:
+      raise PeftFormatError(f"dtype={dtype!r} is not a dtype") from e
+    if not jnp.issubdtype(chosen, jnp.floating):
+      raise PeftFormatError(
+          f"dtype={chosen.name}: LoRA factors are floating point (an integer"
+          " adapter would truncate its scale); pass a float dtype, or None"
+          " for the file's widest")
+    return chosen
+  floats = {t.dtype for g in groups.values() for f, t in g.items()
+            if f != _BASE and jnp.issubdtype(t.dtype, jnp.floating)}
+  if not floats:
+    return jnp.dtype(jnp.float32)
+  wide = functools.reduce(jnp.promote_types, sorted(floats, key=str))
+  return jnp.dtype(jax.dtypes.canonicalize_dtype(wide))
+
+
+def _exact(key: str, array: np.ndarray, scale: float = 1.0) -> np.ndarray:
+  """float64 values of a file tensor (times scale); raises on inf/NaN."""
+  values = np.asarray(array).astype(np.float64)
+  bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+  if bad:
+    raise PeftFormatError(
+        f"'{key}' has {bad} non-finite value{'s' * (bad > 1)} (inf or NaN);"
+        " the adapter is broken (a diverged run?), and would make every"
+        " output NaN")
+  return values * scale if scale != 1.0 else values
+
+
+def _fits(key: str, values: np.ndarray, dtype: np.dtype) -> None:
+  """Raises if a finite value would overflow to inf in `dtype`."""
+  with np.errstate(over="ignore"):
+    cast = values.astype(dtype)
+  if not np.isfinite(cast.astype(np.float64)).all():
+    raise PeftFormatError(
+        f"'{key}' has values up to {np.abs(values).max():.6g}, beyond"
+        f" {dtype.name}'s range (largest {float(jnp.finfo(dtype).max):.6g});"
+        f" in {dtype.name} they would be inf. Load with a wider dtype, e.g."
+        " dtype=jnp.float32 (the default, dtype=None, takes the file's"
+        " widest)")
+
+
+def _expect(key: str, array: np.ndarray, shape: tuple[int, ...],
+            hint: str = "") -> None:
   if tuple(array.shape) != tuple(shape):
     raise PeftFormatError(
         f"'{key}' has shape {list(array.shape)} but the base kernel and the"
         f" config give {list(shape)}; was the adapter trained on another"
-        " model or with another r / rank_pattern?")
+        f" model or with another r / rank_pattern?{hint}")
 
 
 def _place(x: jax.Array, sharding) -> jax.Array:
   return x if sharding is None else jax.device_put(x, sharding)
 
 
-def _build_node(module: _Module, groups, config, dtype) -> LoRA:
+def _build_node(module: _Module, groups, config, dtype, hint) -> LoRA:
   """One LoRA node from the file tensors of the module's layers."""
   w = module.leaf
   stacked = module.layout == "bio"
   fan_in, fan_out = w.shape[-2:]
-  use_rslora = bool(config.get("use_rslora", False))
-  use_dora = bool(config.get("use_dora", False))
+  use_rslora, use_dora = config["use_rslora"], config["use_dora"]
   per_layer = []  # (rank, alpha, scale, tensors), None for a layer left out
   for name in module.names:
     t = groups.get(name)
@@ -289,9 +374,9 @@ def _build_node(module: _Module, groups, config, dtype) -> LoRA:
       per_layer.append(None)
       continue
     key = cfg.KEY_PREFIX + name
-    r = cfg.pattern_value(config.get("rank_pattern"), name, config["r"])
-    alpha = cfg.pattern_value(config.get("alpha_pattern"), name,
-                              config.get("lora_alpha", 8))
+    r = cfg.pattern_value(config["rank_pattern"], name, config["r"])
+    alpha = cfg.pattern_value(config["alpha_pattern"], name,
+                              config["lora_alpha"])
     for field in (_A, _B) + ((_M,) if use_dora else ()):
       if field not in t:
         raise PeftFormatError(
@@ -299,17 +384,18 @@ def _build_node(module: _Module, groups, config, dtype) -> LoRA:
     if not use_dora and _M in t:
       raise PeftFormatError(
           f"unexpected key '{key}.{_M}': the config has use_dora=false")
-    _expect(f"{key}.{_A}", t[_A], (r, fan_in))
-    _expect(f"{key}.{_B}", t[_B], (fan_out, r))
+    _expect(f"{key}.{_A}", t[_A], (r, fan_in), hint)
+    _expect(f"{key}.{_B}", t[_B], (fan_out, r), hint)
     if use_dora:
       _expect(f"{key}.{_M}", t[_M], (fan_out,))
     if _BASE in t:
-      _expect(f"{key}.{_BASE}", t[_BASE], (fan_out, fan_in))
+      # A Conv1D base (fan_in_fan_out) stores its weight (in, out).
+      _expect(f"{key}.{_BASE}", t[_BASE], (fan_in, fan_out)
+              if config["fan_in_fan_out"] else (fan_out, fan_in))
     scale = alpha / math.sqrt(r) if use_rslora else alpha / r
     per_layer.append((r, alpha, scale, t))
 
   present = [x for x in per_layer if x is not None]
-  adapter_dtype = jnp.dtype(dtype or present[0][3][_A].dtype)
   if len(present) == len(per_layer) and len(
       {(x[0], x[1]) for x in present}) == 1:
     rank, alpha, fold = present[0][0], float(present[0][1]), False
@@ -320,10 +406,11 @@ def _build_node(module: _Module, groups, config, dtype) -> LoRA:
     rank = max(x[0] for x in present)
     alpha, fold = (math.sqrt(rank) if use_rslora else float(rank)), True
 
-  host = np.float64 if adapter_dtype == np.float64 else np.float32
-  a = np.zeros((len(per_layer), fan_in, rank), host)
-  b = np.zeros((len(per_layer), rank, fan_out), host)
-  m = np.zeros((len(per_layer), fan_out), host) if use_dora else None
+  # float64 on the host: every file dtype converts exactly, and each value
+  # is rounded once, into `dtype`.
+  a = np.zeros((len(per_layer), fan_in, rank))
+  b = np.zeros((len(per_layer), rank, fan_out))
+  m = np.zeros((len(per_layer), fan_out)) if use_dora else None
   new_base = {}
   for i, x in enumerate(per_layer):
     if x is None:
@@ -333,14 +420,19 @@ def _build_node(module: _Module, groups, config, dtype) -> LoRA:
             np.asarray(base_array(w)[i], np.float32), axis=0)
       continue
     r, _, scale, t = x
-    a[i, :, :r] = t[_A].T
-    b[i, :r, :] = t[_B].T * (scale if fold else 1.0)
+    key = cfg.KEY_PREFIX + module.names[i]
+    a[i, :, :r] = _exact(f"{key}.{_A}", t[_A]).T
+    b[i, :r, :] = _exact(f"{key}.{_B}", t[_B], scale if fold else 1.0).T
+    _fits(f"{key}.{_A}", a[i], dtype)
+    _fits(f"{key}.{_B}", b[i], dtype)
     if use_dora:
-      m[i] = t[_M]
+      m[i] = _exact(f"{key}.{_M}", t[_M])
+      _fits(f"{key}.{_M}", m[i], dtype)
     if _BASE in t:
       # PEFT saves the base weight of a targeted output head along with the
       # adapter, and loads it over the model's own: do the same.
-      new_base[i] = t[_BASE].T
+      base = np.asarray(t[_BASE])
+      new_base[i] = base if config["fan_in_fan_out"] else base.T
   if not stacked:
     a, b, m = a[0], b[0], (None if m is None else m[0])
   if new_base:
@@ -359,12 +451,12 @@ def _build_node(module: _Module, groups, config, dtype) -> LoRA:
         b_sharding.mesh, jax.sharding.PartitionSpec(*spec[:-2], spec[-1]))
   return LoRA(
       w=w,
-      a=_place(jnp.asarray(a, adapter_dtype), a_sharding),
-      b=_place(jnp.asarray(b, adapter_dtype), b_sharding),
-      m=None if m is None else _place(jnp.asarray(m, adapter_dtype),
+      a=_place(jnp.asarray(a.astype(dtype)), a_sharding),
+      b=_place(jnp.asarray(b.astype(dtype)), b_sharding),
+      m=None if m is None else _place(jnp.asarray(m.astype(dtype)),
                                       m_sharding),
       alpha=alpha, layout=module.layout, rslora=use_rslora,
-      path=module.path, dropout=float(config.get("lora_dropout") or 0.0))
+      path=module.path, dropout=float(config["lora_dropout"]))
 
 
 def load(directory: str | os.PathLike, params: Any, *, dtype: Any = None,
@@ -380,18 +472,36 @@ def load(directory: str | os.PathLike, params: Any, *, dtype: Any = None,
   Honoured: ``r``, ``lora_alpha``, ``use_rslora``, ``use_dora``,
   ``rank_pattern``, ``alpha_pattern``, ``target_modules`` (list or regex),
   ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``,
-  ``lora_dropout`` (the nodes' dropout). Ignored, as they only matter at
-  init or for bookkeeping: ``init_lora_weights``, ``task_type``, LoftQ / EVA
-  / CorDA configs and the like. Layers of a scanned kernel with different
-  ranks or alphas, or left out by ``layers_to_transform``, are zero-padded
-  to the largest rank with each layer's scale folded into ``b``.
+  ``lora_dropout`` (the nodes' dropout), ``fan_in_fan_out`` (it records a
+  torch Conv1D base, (in, out); ``lora_A`` / ``lora_B`` have the same shapes
+  and meaning either way, as in PEFT, so it only orients a saved
+  ``base_layer.weight``). Each is type-checked against LoraConfig's
+  declaration (``r`` and ``rank_pattern`` values positive ints, alphas
+  finite numbers, flags JSON booleans, ...): PEFT itself does not check, and
+  reads ``"use_rslora": "false"`` as true. A missing field takes
+  LoraConfig's default, as PEFT's ``from_pretrained`` does (``r=8``,
+  ``lora_alpha=8``). Ignored, as they only matter at init or for
+  bookkeeping: ``init_lora_weights``, ``task_type``, LoftQ / EVA / CorDA
+  configs and the like. Layers of a scanned kernel with different ranks or
+  alphas, or left out by ``layers_to_transform``, are zero-padded to the
+  largest rank with each layer's scale folded into ``b``.
+
+  Dtype: every adapter array (``a``, ``b``, ``m``) gets one floating dtype:
+  ``dtype`` if given, else the widest floating dtype of the file's LoRA
+  tensors by `jnp.promote_types` (fp16 ``lora_A`` with fp32 ``lora_B``
+  loads as fp32; fp16 with bf16 as fp32), or float32 if the file has none.
+  Integer and bool tensors, which PEFT copies into its float parameters,
+  are converted the same way: a LoRA node is never integer. Values are
+  converted once, from float64; one that the dtype cannot hold (fp16 beyond
+  65504) raises rather than loading as inf, and so does an inf or NaN in
+  the file.
 
   Args:
     directory: holds ``adapter_config.json`` and
       ``adapter_model.safetensors``.
-    params: the base params (no LoRA nodes yet), possibly sharded; adapters
-      follow the kernels' shardings as in `jlora.apply`.
-    dtype: adapter dtype; default the file's.
+    params: the base params (no LoRA nodes yet), possibly sharded or
+      quantized; adapters follow the kernels' shardings as in `jlora.apply`.
+    dtype: adapter dtype (floating); default as above.
     layers_key: path segment of a scanned layer stack.
 
   Returns:
@@ -399,9 +509,15 @@ def load(directory: str | os.PathLike, params: Any, *, dtype: Any = None,
 
   Raises:
     PeftFormatError (a ValueError): a config field jlora cannot honour
-      (``peft_type`` other than LORA, ``fan_in_fan_out``, ``bias`` other than
-      "none", ``modules_to_save``, ``use_qalora``, ``lora_bias``, ...), a
-      missing or unexpected key, or a shape mismatch; the message names it.
+      (``peft_type`` other than LORA, ``bias`` other than "none",
+      ``modules_to_save``, ``use_qalora``, ``lora_bias``, an unknown
+      non-empty field, ...) or of the wrong type; a missing, unexpected or
+      duplicate key; a shape that does not fit the base kernel (an adapter
+      for another model); an unreadable (truncated) safetensors file; values
+      the dtype cannot hold. The message names the field or key.
+    FileNotFoundError: no ``adapter_config.json`` or
+      ``adapter_model.safetensors`` (for a pickled ``adapter_model.bin`` it
+      says how to convert it).
 
   Example:
     >>> model, params = jlora.models.from_pretrained("Qwen/Qwen2.5-0.5B")
@@ -409,9 +525,12 @@ def load(directory: str | os.PathLike, params: Any, *, dtype: Any = None,
     >>> logits = jlora.wrap(model.apply)({"params": lp}, ids)
   """
   directory = os.fspath(directory)
-  config = cfg.read(directory)
-  cfg.check(config)
+  raw = cfg.read(directory)
+  config = cfg.check(raw)
+  hint = ("" if "r" in raw else f" (adapter_config.json has no r, so it is"
+          f" LoraConfig's default, {config['r']})")
   groups = _read_tensors(directory)
+  adapter_dtype = _adapter_dtype(groups, dtype)
   existing = [p for p, x in _paths.leaves_with_path(params) if is_lora(x)]
   if existing:
     raise PeftFormatError(
@@ -446,5 +565,6 @@ def load(directory: str | os.PathLike, params: Any, *, dtype: Any = None,
   for m in modules:
     if any(n in targeted for n in m.names):
       groups_here = {n: groups[n] for n in m.names if n in targeted}
-      replace[m.path] = _build_node(m, groups_here, config, dtype)
+      replace[m.path] = _build_node(m, groups_here, config,
+                                    adapter_dtype, hint)
   return _paths.map_with_path(lambda p, x: replace.get(p, x), params)

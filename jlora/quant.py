@@ -31,7 +31,7 @@ import optax
 from jlora import _paths
 from jlora._quant_array import (BLOCK_SIZE2, DYNAMIC_VALUES, FP4_VALUES,
                                 METHODS, NF4_VALUES, QuantizedArray,
-                                is_quantized, quantize_array)
+                                _check_args, is_quantized, quantize_array)
 from jlora.node import default_layout, is_lora
 from jlora.targets import (ALL_LINEAR, NON_KERNEL_NAMES, Selector, is_matrix,
                            matcher, pattern_value, select)
@@ -97,9 +97,18 @@ def quantize(params: Any, method: str = "nf4", *, block_size: int = 64,
       leading stacked ('b') axes, so a scan can slice the stored arrays.
       Default: every axis but the last two is stacked.
 
+  Non-finite kernels: `quantize` raises a ValueError naming the kernel and
+  the number of inf/NaN values when the params are concrete arrays; traced
+  (under `jit`) it cannot, and saturates each such value within its own
+  block (``+-inf`` to the block's largest finite magnitude, NaN to 0) so no
+  other value is affected (see `jlora._quant_array`).
+
   Returns:
     The same tree with targeted kernels replaced; already quantized kernels
-    are left as they are. Give `jlora.apply` the same targets: under
+    are left as they are if they match the settings asked for (else a
+    ValueError: a kernel is never quantized twice). Integer and bool leaves
+    are not kernels for ``"all-linear"`` and stay as they are; an explicit
+    target that selects one raises. Give `jlora.apply` the same targets: under
     `jlora.wrap` a quantized kernel is used (dequantized per product)
     through its adapter, and `apply` refuses a quantized kernel it does not
     adapt. `dequantize` gives a plain tree for running without adapters.
@@ -119,14 +128,55 @@ def quantize(params: Any, method: str = "nf4", *, block_size: int = 64,
   chosen = set(select(leaves, targets, exclude))
 
   def replace(path, leaf):
-    if path not in chosen or is_quantized(leaf) or not jnp.issubdtype(
-        leaf.dtype, jnp.floating):
+    if path not in chosen:
       return leaf
+    stacked = _stacked_axes(path, leaf, layout)
+    if is_quantized(leaf):
+      _check_same_settings(path, leaf, method, block_size, double_quant,
+                           compute_dtype, stacked)
+      return leaf
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      if _only_all_linear(path, leaf, targets):
+        return leaf  # "all-linear" means floating kernels
+      _not_floating(path, leaf)
     return quantize_array(leaf, method, block_size=block_size,
                           double_quant=double_quant, dtype=compute_dtype,
-                          stacked=_stacked_axes(path, leaf, layout))
+                          stacked=stacked, name=path)
 
   return _paths.map_with_path(replace, params)
+
+
+def _only_all_linear(path: str, leaf: Any, targets: Selector) -> bool:
+  """Whether only the default "all-linear" selector picked this leaf."""
+  return not any(s != ALL_LINEAR and matcher(s)(path, leaf)
+                 for s in _selectors(targets))
+
+
+def _not_floating(path: str, leaf: Any):
+  raise ValueError(
+      f"target '{path}' has dtype {jnp.dtype(leaf.dtype).name}; only"
+      " floating point kernels can be quantized. Leave it out (exclude=...)"
+      " or cast it to a float dtype first")
+
+
+def _check_same_settings(path, leaf, method, block_size, double_quant,
+                         compute_dtype, stacked):
+  """An already quantized kernel is kept only if asked for as it is."""
+  want = dict(method=method, block_size=block_size,
+              double_quant=bool(double_quant),
+              compute_dtype=jnp.dtype(compute_dtype), stacked=stacked)
+  have = dict(method=leaf.method, block_size=leaf.block_size,
+              double_quant=leaf.double_quant,
+              compute_dtype=jnp.dtype(leaf.dtype), stacked=leaf.stacked)
+  diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+  if diff:
+    text = ", ".join(f"{k}={h!r} (asked {w!r})" for k, (h, w) in diff.items())
+    raise ValueError(
+        f"'{path}' is already quantized with {text}; it is not quantized"
+        " twice. Quantize the original kernel, or jlora.dequantize(tree,"
+        " jnp.float32) first to re-quantize on purpose (adding a second"
+        " rounding error); for another compute dtype only, use"
+        " leaf.astype(dtype)")
 
 
 def dequantize(tree: Any, dtype: Any = None) -> Any:
@@ -152,24 +202,32 @@ def quantize_leaf(name: str, array: Any, method: str = "nf4", *,
   """One named leaf, quantized if `targets` selects it, else unchanged.
 
   ``name`` is the '/'-joined Flax path; selection is `quantize`'s, applied to
-  this leaf alone (a target that matches nothing here is not an error).
+  this leaf alone (a target that matches nothing here is not an error), and
+  so are its errors (inf/NaN values, an explicitly targeted integer leaf).
 
   Example:
     >>> quantize_leaf("model/layers/mlp/up_proj/kernel", w).method
     'nf4'
   """
-  if (not is_matrix(array) or is_quantized(array)
-      or name.rsplit("/", 1)[-1] in NON_KERNEL_NAMES
-      or not jnp.issubdtype(array.dtype, jnp.floating)):
+  if (not is_matrix(array) or name.rsplit("/", 1)[-1] in NON_KERNEL_NAMES):
     return array
   sels = _selectors(targets) or [ALL_LINEAR]
   if not any(matcher(s)(name, array) for s in sels):
     return array
   if any(matcher(s)(name, array) for s in _selectors(exclude)):
     return array
+  stacked = _stacked_axes(name, array, layout)
+  if is_quantized(array):
+    _check_same_settings(name, array, method, block_size, double_quant,
+                         compute_dtype, stacked)
+    return array
+  if not jnp.issubdtype(array.dtype, jnp.floating):
+    if _only_all_linear(name, array, targets):
+      return array
+    _not_floating(name, array)
   return quantize_array(array, method, block_size=block_size,
                         double_quant=double_quant, dtype=compute_dtype,
-                        stacked=_stacked_axes(name, array, layout))
+                        stacked=stacked, name=name)
 
 
 def _selectors(sel: Selector) -> list[Any]:
@@ -191,9 +249,7 @@ def quantizer(method: str = "nf4", **options) -> Callable[[str, Any], Any]:
     >>> hook = jlora.quant.quantizer("nf4")
     >>> params = {p: hook(p, read(p)) for p in names}
   """
-  if method not in METHODS:
-    raise ValueError(f"unknown quantization method {method!r}; use one of"
-                     f" {METHODS}")
+  _check_args(method, options.get("block_size", 64))
   return functools.partial(_hook, method=method, options=options)
 
 
@@ -225,16 +281,17 @@ def merge_and_quantize(tree: Any, method: str | None = None, *,
     if is_quantized(w):
       return quantize_array(
           fused, method or w.method,
-          block_size=block_size or w.block_size,
+          block_size=w.block_size if block_size is None else block_size,
           double_quant=w.double_quant if double_quant is None else
-          double_quant, dtype=compute_dtype or w.dtype, stacked=w.stacked)
+          double_quant, dtype=compute_dtype or w.dtype, stacked=w.stacked,
+          name=node.path)
     if method is None:
       return fused
     stacked = len(node.layout) - len(node.layout.lstrip("b"))
     return quantize_array(
-        fused, method, block_size=block_size or 64,
+        fused, method, block_size=64 if block_size is None else block_size,
         double_quant=True if double_quant is None else double_quant,
-        dtype=compute_dtype or fused.dtype, stacked=stacked)
+        dtype=compute_dtype or fused.dtype, stacked=stacked, name=node.path)
 
   return jax.tree.map(fuse, tree, is_leaf=_paths.is_leaf)
 

@@ -14,6 +14,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -418,7 +419,6 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 @pytest.mark.parametrize("fields,match", [
     (dict(peft_type="IA3"), r"peft_type='IA3'"),
-    (dict(fan_in_fan_out=True), r"fan_in_fan_out=True"),
     (dict(bias="all"), r"bias='all'"),
     (dict(modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\]"),
     (dict(use_qalora=True), r"use_qalora=True"),
@@ -476,3 +476,284 @@ def test_load_other_errors(saved, tmp_path_factory):
   edit_config(directory, target_modules="nothing")
   with pytest.raises(jlora.peft.PeftFormatError, match="matches no linear"):
     jlora.peft.load(directory, params)
+
+
+# ------------------------------------------- adversarial files and configs
+
+
+def _peft_adapter(base_dir, directory, **config):
+  """A randomized PEFT adapter saved by PEFT itself; returns its logits."""
+  peft_model = peft.get_peft_model(
+      hf_model(base_dir), peft.LoraConfig(task_type="CAUSAL_LM", **config))
+  randomize_peft(peft_model)
+  peft_model.save_pretrained(directory)
+
+
+def _peft_logits(base_dir, directory):
+  return torch_logits(peft.PeftModel.from_pretrained(hf_model(base_dir),
+                                                     directory).eval())
+
+
+def _nodes(tree):
+  return [x for x in jax.tree.leaves(tree, is_leaf=is_lora) if is_lora(x)]
+
+
+@pytest.mark.parametrize("kind", ["int32", "bool"])
+def test_integer_and_bool_tensors_load_as_float(base_dirs, tmp_path, kind):
+  """PEFT copies such tensors into its float parameters; so does jlora."""
+  _peft_adapter(base_dirs["llama"], tmp_path, r=4, lora_alpha=2,
+                target_modules=["q_proj", "v_proj"])
+  convert = {"int32": lambda x: np.round(3 * x).astype(np.int32),
+             "bool": lambda x: x > 0}[kind]
+  edit_tensors(tmp_path, lambda t: t.update(
+      {k: convert(v) for k, v in t.items()}))
+  file = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+  expected = _peft_logits(base_dirs["llama"], tmp_path)
+  model, params = from_pretrained(base_dirs["llama"])
+  lp = jlora.peft.load(tmp_path, params)
+  for node in _nodes(lp):
+    assert node.a.dtype == node.b.dtype == jnp.float32
+    name = node.path.replace("/", ".").rsplit(".", 1)[0]
+    np.testing.assert_array_equal(
+        np.asarray(node.b), file[f"base_model.model.{name}.lora_B.weight"].T)
+  np.testing.assert_allclose(jlora_logits(model, lp), expected, atol=TOL,
+                             rtol=1e-5)
+  merged = np.asarray(model.apply({"params": jlora.merge(lp)},
+                                  jnp.asarray(IDS)))
+  np.testing.assert_allclose(merged, expected, atol=TOL, rtol=1e-5)
+  assert np.abs(expected - jlora_logits(model, params)).max() > 1e-2
+
+
+def test_mixed_dtypes_take_the_wider_never_narrow(saved):
+  directory, params = saved
+  big = np.full((16, 2), 1e5, np.float32)  # beyond float16's 65504
+
+  def mixed(t):
+    for k in t:
+      t[k] = t[k].astype(np.float16)
+    t[f"{Q0}.lora_B.weight"] = big
+
+  edit_tensors(directory, mixed)
+  lp = jlora.peft.load(directory, params)
+  assert {n.a.dtype for n in _nodes(lp)} == {jnp.dtype(jnp.float32)}
+  assert {n.m.dtype for n in _nodes(lp)} == {jnp.dtype(jnp.float32)}
+  node = lp["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+  np.testing.assert_array_equal(np.asarray(node.b), big.T)
+  with pytest.raises(jlora.peft.PeftFormatError,
+                     match=rf"'{Q0}.lora_B.weight' has values up to 100000,"
+                     r" beyond float16's range"):
+    jlora.peft.load(directory, params, dtype=jnp.float16)
+  for bad in (jnp.int32, "bool"):
+    with pytest.raises(jlora.peft.PeftFormatError,
+                       match=r"dtype=(int32|bool): LoRA factors are floating"):
+      jlora.peft.load(directory, params, dtype=bad)
+
+
+@pytest.mark.parametrize("dtypes,expected", [
+    ((np.float16, ml_dtypes.bfloat16), jnp.float32),  # neither holds both
+    ((ml_dtypes.bfloat16, ml_dtypes.bfloat16), jnp.bfloat16),  # no widening
+    ((np.float16, np.int32), jnp.float16),  # integers take no part
+    ((np.int8, np.int32), jnp.float32),
+])
+def test_adapter_dtype_policy(saved, dtypes, expected):
+  directory, params = saved
+  source = load_file(os.path.join(directory, "adapter_model.safetensors"))
+
+  def cast(t):
+    for i, k in enumerate(sorted(t)):
+      t[k] = np.round(t[k] * 8).astype(dtypes[i % 2])
+
+  edit_tensors(directory, cast)
+  file = load_file(os.path.join(directory, "adapter_model.safetensors"))
+  lp = jlora.peft.load(directory, params)
+  for node in _nodes(lp):
+    assert node.a.dtype == node.b.dtype == node.m.dtype == expected
+    name = node.path.replace("/", ".").rsplit(".", 1)[0]
+    np.testing.assert_array_equal(
+        np.asarray(node.a, np.float64),
+        file[f"base_model.model.{name}.lora_A.weight"].astype(np.float64).T)
+  assert source.keys() == file.keys()
+
+
+def test_nonfinite_values_are_refused(saved, tmp_path):
+  directory, params = saved
+  edit_tensors(directory, lambda t: t[f"{Q0}.lora_A.weight"].__setitem__(
+      (1, 3), np.nan))
+  with pytest.raises(jlora.peft.PeftFormatError,
+                     match=rf"'{Q0}.lora_A.weight' has 1 non-finite value"):
+    jlora.peft.load(directory, params)
+  _, lp = tiny_lora()
+  lp = replace_node(lp, "layers/1/self_attn/v_proj", b=jnp.full((2, 8),
+                                                                jnp.inf))
+  with pytest.raises(jlora.peft.PeftFormatError,
+                     match=r"'.*layers.1.self_attn.v_proj.lora_B.weight'"
+                     r" would hold 16 non-finite values"):
+    jlora.peft.save(lp, tmp_path / "out")
+  assert not os.path.exists(tmp_path / "out")
+  _, lp = tiny_lora()
+  lp = replace_node(lp, "layers/0/self_attn/q_proj",
+                    a=jnp.ones((16, 2), jnp.int32))
+  with pytest.raises(jlora.peft.PeftFormatError,
+                     match=r"q_proj/kernel' has a of dtype int32"):
+    jlora.peft.save(lp, tmp_path / "out")
+
+
+@pytest.mark.parametrize("fields,match", [
+    # PEFT reads "false" as true (rsLoRA on); jlora refuses it.
+    (dict(use_rslora="false"),
+     r"use_rslora='false' \(str\); expected true or false"),
+    (dict(use_dora="true"), r"use_dora='true' \(str\); expected true or"),
+    (dict(use_rslora=None), r"use_rslora=None \(NoneType\)"),
+    (dict(r=2.0), r"r=2.0 \(float\); expected a positive int"),
+    (dict(r="2"), r"r='2' \(str\); expected a positive int"),
+    (dict(r=0), r"r=0 \(int\); expected a positive int"),
+    (dict(r=True), r"r=True \(bool\); expected a positive int"),
+    (dict(lora_alpha="2"), r"lora_alpha='2' \(str\); expected a finite"),
+    (dict(lora_alpha=None), r"lora_alpha=None \(NoneType\)"),
+    (dict(lora_alpha=float("nan")), r"lora_alpha=nan \(float\)"),
+    (dict(lora_dropout="0.1"), r"lora_dropout='0.1' \(str\); expected a"
+     r" dropout rate"),
+    (dict(target_modules=3), r"target_modules=3 \(int\); expected a regex"),
+    (dict(target_modules=["q_proj", 3]), r"target_modules=\['q_proj', 3\]"
+     r" \(list\)"),
+    (dict(target_modules={"q_proj": 1}), r"target_modules=\{'q_proj': 1\}"),
+    (dict(target_modules="(q_proj"), r"target_modules='\(q_proj', not a"
+     r" valid regular expression"),
+    (dict(exclude_modules=5), r"exclude_modules=5 \(int\)"),
+    (dict(rank_pattern={"q_proj": 2.0}),
+     r"rank_pattern\['q_proj'\]=2.0 \(float\); expected a positive int"),
+    (dict(rank_pattern={"q_proj": -2}), r"rank_pattern\['q_proj'\]=-2"),
+    (dict(rank_pattern=[2]), r"rank_pattern=\[2\] \(list\); expected an"
+     r" object"),
+    (dict(rank_pattern={"q_proj(": 2}), r"rank_pattern key='q_proj\(', not a"
+     r" valid regular"),
+    (dict(alpha_pattern={"q_proj": "3"}),
+     r"alpha_pattern\['q_proj'\]='3' \(str\); expected a finite number"),
+    (dict(layers_to_transform="1"), r"layers_to_transform='1' \(str\)"),
+    (dict(layers_to_transform=[True]), r"layers_to_transform=\[True\]"),
+    (dict(layers_to_transform=[-1]), r"layers_to_transform=\[-1\]"),
+    (dict(layers_to_transform=1.0), r"layers_to_transform=1.0 \(float\)"),
+    (dict(layers_pattern=3), r"layers_pattern=3 \(int\)"),
+    (dict(fan_in_fan_out="true"), r"fan_in_fan_out='true' \(str\)"),
+    (dict(peft_type=3), r"peft_type=3"),
+])
+def test_config_types_are_checked(saved, fields, match):
+  directory, params = saved
+  edit_config(directory, **fields)
+  with pytest.raises(jlora.peft.PeftFormatError,
+                     match=r"adapter_config.json has " + match):
+    jlora.peft.load(directory, params)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(target_modules=r".*q_proj", layers_to_transform=[0]),
+     r"layers_to_transform=\[0\] with a regex target_modules"),
+    (dict(target_modules=r".*q_proj", layers_pattern="layers",
+          layers_to_transform=None), r"layers_pattern='layers' with a regex"),
+    (dict(layers_pattern="layers"), r"layers_pattern='layers' but no"
+     r" layers_to_transform"),
+])
+def test_config_combinations_peft_refuses(saved, fields, match):
+  directory, params = saved
+  with pytest.raises(ValueError):  # PEFT's own LoraConfig refuses them too
+    peft.LoraConfig(**{"target_modules": ["q_proj"], **fields})
+  edit_config(directory, **fields)
+  with pytest.raises(jlora.peft.PeftFormatError, match=match):
+    jlora.peft.load(directory, params)
+
+
+def test_missing_fields_take_peft_defaults(base_dirs, tmp_path):
+  """No r / lora_alpha in the file: LoraConfig's defaults (8, 8), as in
+  PEFT's from_pretrained."""
+  _peft_adapter(base_dirs["llama"], tmp_path, r=8, lora_alpha=8,
+                target_modules=["q_proj", "down_proj"])
+  config = read_config(tmp_path)
+  for field in ("r", "lora_alpha", "use_rslora", "lora_dropout",
+                "rank_pattern"):
+    del config[field]
+  with open(os.path.join(tmp_path, "adapter_config.json"), "w") as f:
+    json.dump(config, f)
+  expected = _peft_logits(base_dirs["llama"], tmp_path)
+  model, params = from_pretrained(base_dirs["llama"])
+  lp = jlora.peft.load(tmp_path, params)
+  assert {(n.rank, n.scale) for n in _nodes(lp)} == {(8, 1.0)}
+  np.testing.assert_allclose(jlora_logits(model, lp), expected, atol=TOL,
+                             rtol=0)
+
+
+def test_missing_r_with_other_ranks_names_the_default(saved):
+  directory, params = saved
+  config = read_config(directory)
+  del config["r"]
+  with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+    json.dump(config, f)
+  with pytest.raises(jlora.peft.PeftFormatError,
+                     match=rf"'{Q0}.lora_A.weight' has shape \[2, 16\] but .*"
+                     r"\[8, 16\].*has no r, so it is LoraConfig's default, 8"):
+    jlora.peft.load(directory, params)
+
+
+def test_fan_in_fan_out_does_not_change_linear_adapters(base_dirs, tmp_path):
+  """PEFT ignores fan_in_fan_out=True on nn.Linear (it records a Conv1D
+  base); lora_A / lora_B mean the same either way."""
+  _peft_adapter(base_dirs["qwen2"], tmp_path, r=4, lora_alpha=8,
+                target_modules=["q_proj", "o_proj", "up_proj"])
+  edit_config(tmp_path, fan_in_fan_out=True)
+  expected = _peft_logits(base_dirs["qwen2"], tmp_path)
+  model, params = from_pretrained(base_dirs["qwen2"])
+  lp = jlora.peft.load(tmp_path, params)
+  np.testing.assert_allclose(jlora_logits(model, lp), expected, atol=TOL,
+                             rtol=0)
+  assert np.abs(expected - jlora_logits(model, params)).max() > 1e-2
+
+
+def test_damaged_and_foreign_files(saved, tmp_path):
+  directory, params = saved
+  weights = os.path.join(directory, "adapter_model.safetensors")
+  config = os.path.join(directory, "adapter_config.json")
+  data = open(weights, "rb").read()
+  # a truncated safetensors file
+  with open(weights, "wb") as f:
+    f.write(data[:len(data) // 2])
+  with pytest.raises(jlora.peft.PeftFormatError,
+                     match=r"cannot read .*adapter_model.safetensors .*"
+                     r"truncated"):
+    jlora.peft.load(directory, params)
+  # a pickled adapter_model.bin instead
+  os.rename(weights, os.path.join(directory, "adapter_model.bin"))
+  with pytest.raises(FileNotFoundError,
+                     match=r"has adapter_model.bin, a pickled torch file.*"
+                     r"safetensors.torch.save_file"):
+    jlora.peft.load(directory, params)
+  with open(weights, "wb") as f:
+    f.write(data)
+  # a config that is not JSON, or not an object
+  text = open(config).read()
+  with open(config, "w") as f:
+    f.write(text[:-10])
+  with pytest.raises(jlora.peft.PeftFormatError, match=r"not valid JSON"):
+    jlora.peft.load(directory, params)
+  with open(config, "w") as f:
+    json.dump([1, 2], f)
+  with pytest.raises(jlora.peft.PeftFormatError, match=r"holds a JSON list"):
+    jlora.peft.load(directory, params)
+  with open(config, "w") as f:
+    f.write(text)
+  # both spellings of one magnitude vector
+  edit_tensors(directory, lambda t: t.update({
+      f"{Q0}.lora_magnitude_vector.weight": t[f"{Q0}.lora_magnitude_vector"]}))
+  with pytest.raises(jlora.peft.PeftFormatError,
+                     match=r"two magnitude vectors for one module"):
+    jlora.peft.load(directory, params)
+
+
+def test_adapter_for_another_base_model(saved):
+  """Hidden size 16 in the file, 32 in the base: the key and both shapes."""
+  directory, _ = saved
+  config = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=24,
+                       num_layers=2, num_heads=2, num_kv_heads=1)
+  _, other = from_config(config, jax.random.key(0))
+  with pytest.raises(jlora.peft.PeftFormatError,
+                     match=rf"'{Q0}.lora_A.weight' has shape \[2, 16\] but the"
+                     r" base kernel and the config give \[2, 32\]"):
+    jlora.peft.load(directory, other)

@@ -693,3 +693,227 @@ def test_host_offloaded_state_keeps_sharding():
   mu = state[0].mu["w"]
   assert mu.sharding.memory_kind == "pinned_host"
   assert mu.sharding.spec == P("data", "model")
+
+
+# -- adversarial inputs --------------------------------------------------------
+
+BAD = [(0, 3, 5, np.nan), (0, 40, 70, np.inf), (1, 7, 200, -np.inf)]
+
+
+def _with_bad(w):
+  w = np.array(w)
+  for *idx, v in BAD:
+    w[tuple(idx)] = v
+  return w
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_nonfinite_kernel_raises_when_eager():
+  """Concrete inputs: a ValueError naming the path and the count."""
+  w = _with_bad(_gaussian((2, 64, 256)))
+  params = {"dense": {"kernel": jnp.asarray(w)},
+            "ok": {"kernel": _gaussian((64, 64))}}
+  for dq in (True, False):
+    with pytest.raises(ValueError,
+                       match=r"'dense/kernel' has 3 non-finite values"):
+      quant.quantize(params, "nf4", double_quant=dq)
+  # quantize-on-load: the loader's per-tensor hook
+  with pytest.raises(ValueError, match=r"'model/x/kernel' has 3 non-finite"):
+    quant.quantizer("int8")("model/x/kernel", w)
+  # float64 values beyond float32's range, where quantization computes
+  big = np.ones((4, 64))
+  big[2, 2] = 1e300
+  with pytest.raises(ValueError, match=r"'big' has 1 non-finite value .*"
+                     r"beyond float32's range"):
+    quant.quantize_array(big, "nf4", name="big")
+  # merge_and_quantize of a node whose fused kernel is not finite
+  lp = jlora.apply({"d": {"kernel": _gaussian((64, 64))}}, rank=2, key=KEY)
+  lp["d"]["kernel"] = dataclasses.replace(
+      lp["d"]["kernel"], b=lp["d"]["kernel"].b.at[0, 0].set(jnp.inf) + 1.0)
+  with pytest.raises(ValueError, match=r"'d/kernel' has 64 non-finite"):
+    quant.merge_and_quantize(lp, "nf4")
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])
+@pytest.mark.parametrize("dq", [True, False])
+@pytest.mark.parametrize("cols", [256, 250])  # structured and flat storage
+def test_nonfinite_under_jit_stays_in_its_place(method, dq, cols):
+  """Traced inputs: every other value quantizes as if the bad one were 0;
+  the bad one saturates (+-inf to +-the block scale, NaN to 0)."""
+  clean = np.asarray(_gaussian((2, 64, cols)), np.float64)
+  zeroed = _with_bad(clean)
+  zeroed[~np.isfinite(zeroed)] = 0.0
+  q = jax.jit(lambda x: quant.quantize_array(
+      x, method, double_quant=dq, dtype=jnp.float32, stacked=1))(
+          jnp.asarray(_with_bad(clean), jnp.float32))
+  dense = np.asarray(q.dequantize(), np.float64)
+  assert np.isfinite(dense).all()
+  # The float64 reference of the scheme on the kernel with zeros in place.
+  ref = ref_quantize(zeroed, method, 64, dq, stacked=1)
+  expected = ref_decode(ref["codes"], ref["scales"], method, 64, clean.shape,
+                        1)
+  scale = np.repeat(ref["scales"], 64, axis=-1)[..., :64 * cols].reshape(
+      clean.shape)
+  for *idx, v in BAD:
+    idx = tuple(idx)
+    expected[idx] = 0.0 if np.isnan(v) else np.sign(v) * scale[idx]
+  near = np.zeros(clean.shape, bool)  # values on a decision boundary
+  near.reshape(2, -1)[:] = ref["gap"] < 1e-6
+  np.testing.assert_allclose(dense[~near], expected[~near], rtol=2e-5,
+                             atol=1e-7)
+  # and bit for bit what the clean-with-zeros kernel gives, bad spots aside
+  z = quant.quantize_array(jnp.asarray(zeroed, jnp.float32), method,
+                           double_quant=dq, dtype=jnp.float32, stacked=1)
+  same = np.ones(clean.shape, bool)
+  for *idx, _ in BAD:
+    same[tuple(idx)] = False
+  np.testing.assert_array_equal(dense[same], np.asarray(z.dequantize())[same])
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_float64_and_one_axis_kernels_match_reference(method):
+  w = np.asarray(_gaussian((6, 128), seed=5), np.float64) * np.pi
+  # float64 is quantized from its float32 values (where quantization runs)
+  w32 = w.astype(np.float32)
+  for x, y in zip(jax.tree.leaves(quant.quantize_array(w, method)),
+                  jax.tree.leaves(quant.quantize_array(w32, method))):
+    np.testing.assert_array_equal(x, y)
+  w = w32
+  _check_against_reference(w, method, 64, True, stacked=0)
+  _check_against_reference(w[0, :100], method, 64, False, stacked=0)  # 1-D
+  # a block size that divides nothing, and one larger than the kernel
+  _check_against_reference(w[:5, :50], method, 64, True, stacked=0)
+  _check_against_reference(w[:3, :20], method, 128, False, stacked=0)
+
+
+@pytest.mark.parametrize("shape,stacked", [((0, 64), 0), ((64, 0), 0),
+                                           ((2, 0, 64), 1), ((0, 4, 64), 1),
+                                           ((3, 0), 0)])
+@pytest.mark.parametrize("dq", [True, False])
+def test_zero_size_kernels(shape, stacked, dq):
+  q = quant.quantize_array(jnp.zeros(shape), "nf4", double_quant=dq,
+                           stacked=stacked)
+  assert q.shape == shape and q.stacked == stacked
+  out = q.dequantize(jnp.float32)
+  assert out.shape == shape and out.dtype == jnp.float32
+  assert q.block_scales().size == 0
+  assert jax.jit(lambda q: q.dequantize())(q).shape == shape
+
+
+def test_quantization_arguments_are_checked():
+  w = _gaussian((8, 128))
+  for bad in (0, -64, 63, 64.0, "64", True, None, 1):
+    with pytest.raises(ValueError, match=r"block_size must be an even int"):
+      quant.quantize_array(w, "nf4", block_size=bad)
+  with pytest.raises(ValueError, match=r"block_size must be an even int"):
+    quant.quantizer("nf4", block_size=0)  # at once, not on the first tensor
+  for bad in ("NF4", "int4", None, 4):
+    with pytest.raises(ValueError, match="unknown quantization method"):
+      quant.quantize_array(w, bad)
+  # NumPy integers are integers
+  a = quant.quantize_array(w, "nf4", block_size=np.int64(32))
+  b = quant.quantize_array(w, "nf4", block_size=32)
+  assert a.block_size == 32 and type(a.block_size) is int
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  with pytest.raises(ValueError, match=r"double_quant must be a bool"):
+    quant.quantize_array(w, "nf4", double_quant="false")
+  with pytest.raises(ValueError, match=r"compute dtype must be a floating"):
+    quant.quantize(w, "nf4", targets=".*", compute_dtype=jnp.int8)
+  with pytest.raises(ValueError, match=r"stacked=2 leaves no axis"):
+    quant.quantize_array(w, "nf4", stacked=2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.bool_])
+def test_integer_and_bool_kernels_are_not_quantized(dtype):
+  ints = jnp.ones((8, 64), dtype)
+  with pytest.raises(ValueError, match=rf"has dtype {jnp.dtype(dtype).name}"):
+    quant.quantize_array(ints, "nf4")
+  params = {"ints": {"kernel": ints}, "dense": {"kernel": _gaussian((8, 64))}}
+  # "all-linear" means floating kernels: the integer leaf stays as it is...
+  q = quant.quantize(params, "nf4")
+  assert q["ints"]["kernel"] is ints and quant.is_quantized(
+      q["dense"]["kernel"])
+  assert quant.quantize_leaf("ints/kernel", ints) is ints
+  # ...but an explicit target that selects it is an error naming it.
+  with pytest.raises(ValueError, match=r"target 'ints/kernel' has dtype"):
+    quant.quantize(params, "nf4", targets="kernel")
+  with pytest.raises(ValueError, match=r"target 'ints/kernel' has dtype"):
+    quant.quantize_leaf("ints/kernel", ints, targets="ints")
+
+
+def test_already_quantized_is_never_quantized_twice():
+  params = {"d": {"kernel": _gaussian((2, 64, 128))}}
+  q = quant.quantize(params, "nf4", block_size=32)
+  assert quant.quantize(q, "nf4", block_size=32)["d"]["kernel"] is q["d"][
+      "kernel"]
+  for kwargs, field in [(dict(method="int8", block_size=32), "method='nf4'"),
+                        (dict(block_size=64), "block_size=32"),
+                        (dict(block_size=32, double_quant=False),
+                         "double_quant=True"),
+                        (dict(block_size=32, compute_dtype=jnp.float32),
+                         "compute_dtype=dtype\\(bfloat16\\)"),
+                        (dict(block_size=32, layout={"d": "bbo"}),
+                         "stacked=1")]:
+    with pytest.raises(ValueError, match=rf"'d/kernel' is already quantized"
+                       rf" with {field}"):
+      quant.quantize(q, **kwargs)
+  with pytest.raises(ValueError, match=r"'d/kernel' is already quantized"):
+    quant.quantize_leaf("d/kernel", q["d"]["kernel"], "fp4")
+  with pytest.raises(ValueError, match=r"already quantized \(nf4"):
+    quant.quantize_array(q["d"]["kernel"], "nf4")
+  # Deliberate re-quantization, as the message says: exactly the scheme
+  # applied to the dequantized values.
+  again = quant.quantize(quant.dequantize(q, jnp.float32), "int8")
+  _check_against_reference(q["d"]["kernel"].dequantize(jnp.float32), "int8",
+                           64, True, stacked=1)
+  np.testing.assert_array_equal(
+      again["d"]["kernel"].codes,
+      quant.quantize_array(q["d"]["kernel"].dequantize(jnp.float32), "int8",
+                           stacked=1).codes)
+
+
+def test_dequantize_dtypes():
+  q = quant.quantize_array(_gaussian((4, 128)), "nf4")
+  f32 = np.asarray(q.dequantize(jnp.float32))
+  assert q.dequantize().dtype == jnp.bfloat16  # the compute dtype
+  for dtype in (jnp.bfloat16, jnp.float16, "float32", np.float32):
+    out = q.dequantize(dtype)
+    assert out.dtype == jnp.dtype(dtype)
+    # computed in float32, rounded once
+    np.testing.assert_array_equal(np.asarray(out),
+                                  f32.astype(jnp.dtype(dtype)))
+  tree = quant.dequantize({"k": q}, jnp.float16)
+  assert tree["k"].dtype == jnp.float16
+  for bad in (jnp.int32, jnp.bool_, "int8"):
+    with pytest.raises(ValueError, match=r"dtype must be a floating dtype"):
+      q.dequantize(bad)
+    with pytest.raises(ValueError, match=r"dtype must be a floating dtype"):
+      quant.dequantize({"k": q}, bad)
+
+
+@settings(max_examples=10, deadline=None)
+@given(method=st.sampled_from(["nf4", "fp4", "int8"]), dq=st.booleans(),
+       cols=st.sampled_from([128, 100]),
+       bad=st.lists(st.tuples(st.integers(0, 2 * 8 * 128 - 1),
+                              st.sampled_from([np.nan, np.inf, -np.inf])),
+                    min_size=1, max_size=6))
+def test_nonfinite_values_never_spread(method, dq, cols, bad):
+  """Under jit, anywhere and any number of them: each other value
+  dequantizes bit for bit as if the bad ones were 0."""
+  w = np.array(_gaussian((2, 8, cols), seed=len(bad)))
+  flat = w.reshape(-1)
+  spots = {i % flat.size: v for i, v in bad}
+  zeroed = flat.copy()
+  zeroed[list(spots)] = 0.0
+  flat[list(spots)] = list(spots.values())
+  fn = jax.jit(lambda x: quant.quantize_array(
+      x, method, double_quant=dq, dtype=jnp.float32, stacked=1).dequantize())
+  out = np.asarray(fn(jnp.asarray(w))).reshape(-1)
+  ref = np.asarray(fn(jnp.asarray(zeroed.reshape(w.shape)))).reshape(-1)
+  keep = np.ones(flat.size, bool)
+  keep[list(spots)] = False
+  np.testing.assert_array_equal(out[keep], ref[keep])
+  assert np.isfinite(out).all()
+  nan = [i for i, v in spots.items() if np.isnan(v)]
+  np.testing.assert_array_equal(out[nan], 0.0)
