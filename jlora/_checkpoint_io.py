@@ -196,17 +196,36 @@ def _fingerprint(x: jax.Array) -> jax.Array:
       for seed in (0x9E3779B9, 0x7F4A7C15)])
 
 
+@jax.jit
+def _fingerprints(xs: list) -> list:
+  # One program for every array: with several processes, each array's sum
+  # is a collective, and one program keeps them in one order everywhere.
+  return [_fingerprint(x) for x in xs]
+
+
 def checksums(arrays: dict[str, Any]) -> dict[str, str]:
   """{key: 16 hex digits} fingerprints of raw (non-key) arrays."""
   keys = list(arrays)
   try:
-    cpu = jax.devices("cpu")[0]  # host arrays are hashed on the host
+    # This process's own CPU device: host arrays are hashed on the host.
+    cpu = jax.local_devices(backend="cpu")[0]
   except RuntimeError:  # JAX_PLATFORMS without cpu
     cpu = None
-  values = jax.device_get([_fingerprint(
-      arrays[k] if isinstance(arrays[k], jax.Array)
-      else jax.device_put(np.asarray(arrays[k]), cpu)) for k in keys])
-  return {k: "%08x%08x" % (int(v[0]), int(v[1])) for k, v in zip(keys, values)}
+  groups: dict[Any, list[str]] = {}  # one program per set of devices
+  placed = {}
+  for k in keys:
+    x = arrays[k]
+    if not isinstance(x, jax.Array):
+      x = jax.device_put(np.asarray(x), cpu)
+    placed[k] = x
+    devices = tuple(sorted(d.id for d in x.sharding.device_set))
+    groups.setdefault(devices, []).append(k)
+  values = {}
+  for group in groups.values():
+    values.update(zip(group, jax.device_get(_fingerprints(
+        [placed[k] for k in group]))))
+  return {k: "%08x%08x" % (int(values[k][0]), int(values[k][1]))
+          for k in keys}
 
 
 def check_checksums(arrays: dict[str, Any], expected: dict[str, str],
