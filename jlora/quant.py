@@ -326,9 +326,12 @@ def quantize_fp8(params: Any, *, scaling: str = "channel",
 
   Each value is ``round_e4m3(w / s)`` (float8 e4m3: 3 mantissa bits, finite
   range +-448), with ``s`` the power of two that brings the largest ``|w|``
-  it covers into (224, 448]. On N(0, 0.02^2) weights the relative RMS error
-  ``||dequantize(q) - w|| / ||w||`` is about 2.3% (bf16 rounding: 0.2%);
-  see benchmarks/fp8_error.py. Under `jlora.wrap` the products with these
+  it covers into (224, 448]. On 4096 x 4096 N(0, 0.02^2) weights the
+  relative RMS error ``||dequantize(q) - w|| / ||w||`` is 2.65% (bf16's
+  rounding: 0.17%), the same for both scalings (a power-of-two scale only
+  shifts exponents), and that of a product with N(0, 1) activations 3.76%
+  against the bf16 product (benchmarks/fp8_error.py). Under `jlora.wrap` the
+  products with these
   kernels quantize their activations the same way on the fly and run as
   FP8 GEMMs on GPUs that have them (see `jlora._fp8`), with or without an
   adapter; the backward pass gives activations their gradient through the
