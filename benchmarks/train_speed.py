@@ -315,7 +315,7 @@ def fp8_matmul_tflops() -> dict:
   n = 8192 if jax.default_backend() == "gpu" else 512
   a = jax.random.normal(jax.random.key(0), (n, n)).astype(jnp.float8_e4m3fn)
   b = jax.random.normal(jax.random.key(1), (n, n)).astype(jnp.float8_e4m3fn)
-  rates = {}
+  rates = {"fp8_gemm_n": n}
   for name, dims in (("tn", (((1,), (1,)), ((), ()))),
                      ("nn", (((1,), (0,)), ((), ())))):
     f = jax.jit(lambda a, b, dims=dims: lax.dot_general(
@@ -386,6 +386,12 @@ def report(args, results: list, tflops: float | None) -> dict:
   ]
   lines.append("-" * len(lines[-1]))
   lines += [_row(r, flops, tflops, ref) for r in results]
+  fp8 = next((r for r in results if "fp8_tn_tflops" in r), None)
+  if fp8 is not None:
+    lines.append(f"e4m3 GEMM {fp8['fp8_gemm_n']}^3:"
+                 f" {fp8['fp8_tn_tflops']:.0f} TFLOP/s with"
+                 f" both operands K-major, {fp8['fp8_nn_tflops']:.0f} with a"
+                 " row-major (K, N) kernel")
   print("\n".join(lines), flush=True)
   return dict(shape=args.shape, config=s, rank=args.rank, alpha=args.alpha,
               steps=args.steps, warmup=args.warmup, matmul_tflops=tflops,
