@@ -22,8 +22,16 @@ cuDNN attention with is_causal on GPU) with LoRA through `jlora.apply` +
   share    1 (default): adapters reading one input share one A product
            (`jlora.wrap(share_inputs=True)`); 0: one product per kernel
   flags    named XLA flag sets (XLA_FLAGS), e.g. notriton
+  base     bf16 (default); fp8: the seven projections' kernels stored in
+           FP8 e4m3, one power-of-two scale per output channel, products in
+           FP8 on GPUs that have it (`jlora.quant.quantize_fp8`); fp8t: one
+           scale per kernel (per layer), which XLA fuses whole into cuBLASLt
 A system is a preset name from VARIANTS or a spec such as
-"remat=matmuls/ce=2048/offload=gate_proj+up_proj/mb=2".
+"remat=matmuls/ce=2048/offload=gate_proj+up_proj/mb=2" or
+"remat=mlp/ce=1024/base=fp8". An FP8 system's base is generated leaf by
+leaf (random N(0, 0.02^2) kernels quantized one at a time), so its process
+peak is not the dense model's; it also records the e4m3 GEMM rate
+(8192^3, both operands K-major "tn" and the kernel row-major "nn").
 
 peft_compile is `train_step.run_peft`: HuggingFace PEFT on transformers'
 LlamaForCausalLM (sdpa attention) under torch.compile, as in the anchors.
@@ -88,18 +96,23 @@ def parse_system(name: str) -> dict:
   for part in name.split("/"):
     key, _, value = part.partition("=")
     if key not in ("remat", "ce", "offload", "attention", "scan", "flags",
-                   "mb", "share"):
+                   "mb", "share", "base"):
       raise SystemExit(
         f"unknown system {name!r}: use peft_compile, one of {sorted(VARIANTS)}"
         " or a spec like 'remat=matmuls/ce=2048/offload=up_proj/scan=0/"
         f"flags=notriton' (flags from {sorted(XLA_FLAGS)})"
       )
     opts[key] = int(value) if key in ("ce", "scan", "mb", "share") else value
+  if opts.get("base", "bf16") not in FP8_BASES:
+    raise SystemExit(f"unknown base {opts['base']!r}; use {sorted(FP8_BASES)}")
   for flag in opts.get("flags", "").split("+"):
     if flag and flag not in XLA_FLAGS:
       raise SystemExit(f"unknown flags {flag!r}; use {sorted(XLA_FLAGS)}")
   return opts
 
+
+# base=... -> FP8 scaling of the projections' kernels (None: bf16).
+FP8_BASES = {"bf16": None, "fp8": "channel", "fp8t": "tensor"}
 
 # XLA flag sets a system can name (flags=a+b), set in its process only.
 XLA_FLAGS = {
@@ -149,12 +162,23 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   ids = jax.random.randint(key, (s["batch"], s["seq"] + 1), 0, s["vocab"])
   inputs, labels = ids[:, :-1], ids[:, 1:]
 
-  def make(key):
+  scaling = FP8_BASES[opts.get("base", "bf16")]
+
+  def init(key):
     params = model.init(key, inputs[:1, :8])["params"]
+    if scaling is not None:
+      params = jlora.quant.quantize_fp8(params, scaling=scaling,
+                                        targets="|".join(TARGETS))
+    return params
+
+  def adapt(params, key):
     lp = jlora.apply(params, rank=rank, alpha=alpha, key=key,
                      targets="|".join(TARGETS))
     trainable, frozen = jlora.partition(lp)
     return trainable, frozen, tx.init(trainable)
+
+  def make(key):
+    return adapt(init(key), key)
 
   forward = jlora.wrap(model.apply, share_inputs=bool(opts.get("share", 1)))
   chunk = opts["ce"]
@@ -206,7 +230,13 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
                  mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**30
     temp = mem.temp_size_in_bytes / 2**30
 
-  trainable, frozen, opt_state = jax.jit(make)(key)
+  if scaling is None:
+    trainable, frozen, opt_state = jax.jit(make)(key)
+  else:
+    params = fp8_params(jax.eval_shape(init, key), key, scaling)
+    trainable, frozen, opt_state = jax.jit(adapt, donate_argnums=0)(params,
+                                                                    key)
+    del params
   losses = []
   for _ in range(warmup):
     trainable, opt_state, loss = compiled(trainable, opt_state, frozen,
@@ -234,7 +264,70 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
     loss_first=losses[0], loss_last=losses[-1], trainable=int(n_train))
   if matmul:
     result["matmul_tflops"] = max(ts.matmul_tflops() for _ in range(2))
+  if scaling is not None:
+    result.update(fp8_matmul_tflops())
   return result
+
+
+def fp8_params(shapes, key, scaling: str):
+  """Random params shaped like `shapes`, made leaf by leaf.
+
+  Kernels and embeddings N(0, 0.02^2), norm scales 1, biases 0; the
+  projections' kernels (already `Fp8Array` structs in `shapes`) are drawn in
+  bf16 and quantized in the same small program, so no more than one dense
+  kernel exists at a time.
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import traverse_util
+
+  import jlora
+
+  flat = traverse_util.flatten_dict(shapes, sep="/")  # Fp8Array: a leaf
+  out = {}
+  for i, (path, struct) in enumerate(sorted(flat.items())):
+    fp8 = jlora.quant.is_fp8(struct)
+    dtype = jnp.bfloat16 if fp8 else struct.dtype
+
+    def leaf(k, path=path, shape=struct.shape, dtype=dtype, fp8=fp8):
+      if path.endswith("scale"):
+        return jnp.ones(shape, dtype)
+      if path.endswith("bias"):
+        return jnp.zeros(shape, dtype)
+      x = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+      if fp8:
+        return jlora.quant.quantize_fp8({"kernel": x}, scaling=scaling)[
+          "kernel"]
+      return x
+
+    out[path] = jax.jit(leaf)(jax.random.fold_in(key, i))
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def fp8_matmul_tflops() -> dict:
+  """Rates of an e4m3 x e4m3 -> bf16 product, both operands K-major ("tn",
+  what cuBLASLt's FP8 GEMM wants) and the kernel (K, N) row-major ("nn",
+  the layout of a Flax kernel, which XLA transposes first)."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+
+  n = 8192 if jax.default_backend() == "gpu" else 512
+  a = jax.random.normal(jax.random.key(0), (n, n)).astype(jnp.float8_e4m3fn)
+  b = jax.random.normal(jax.random.key(1), (n, n)).astype(jnp.float8_e4m3fn)
+  rates = {"fp8_gemm_n": n}
+  for name, dims in (("tn", (((1,), (1,)), ((), ()))),
+                     ("nn", (((1,), (0,)), ((), ())))):
+    f = jax.jit(lambda a, b, dims=dims: lax.dot_general(
+      a, b, dims, preferred_element_type=jnp.bfloat16))
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(10):
+      t0 = time.perf_counter()
+      f(a, b).block_until_ready()
+      times.append(time.perf_counter() - t0)
+    rates[f"fp8_{name}_tflops"] = 2 * n ** 3 / sorted(times)[5] / 1e12
+  return rates
 
 
 def run_peft_system(name: str, s: dict, rank: int, alpha: float, steps: int,
@@ -293,6 +386,12 @@ def report(args, results: list, tflops: float | None) -> dict:
   ]
   lines.append("-" * len(lines[-1]))
   lines += [_row(r, flops, tflops, ref) for r in results]
+  fp8 = next((r for r in results if "fp8_tn_tflops" in r), None)
+  if fp8 is not None:
+    lines.append(f"e4m3 GEMM {fp8['fp8_gemm_n']}^3:"
+                 f" {fp8['fp8_tn_tflops']:.0f} TFLOP/s with"
+                 f" both operands K-major, {fp8['fp8_nn_tflops']:.0f} with a"
+                 " row-major (K, N) kernel")
   print("\n".join(lines), flush=True)
   return dict(shape=args.shape, config=s, rank=args.rank, alpha=args.alpha,
               steps=args.steps, warmup=args.warmup, matmul_tflops=tflops,

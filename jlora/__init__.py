@@ -18,7 +18,7 @@ from jlora.merge import merge
 from jlora.merging import combine_adapters
 from jlora.node import LoRA, MultiLoRA
 from jlora.partition import combine, mask, optimizer, partition
-from jlora.quant import QuantizedArray, dequantize, quantize
+from jlora.quant import Fp8Array, QuantizedArray, dequantize, quantize
 from jlora.summary import Count, count, summary
 from jlora.variants import labels, loraplus_optimizer, relora, truncate
 from jlora.wrap import wrap
@@ -51,9 +51,9 @@ __all__ = [
     "AdapterSet", "add_adapter", "combine_adapters", "load_adapter_set",
     "remove_adapter", "save_adapter_set", "select", "set_active",
     "stack_adapters", "unstack_adapters", "MultiLoRA",
-    "wrap_adapter", "QuantizedArray", "dequantize", "quant", "quantize",
-    "AdapterMismatchError", "CheckpointBusyError", "CheckpointCorruptError",
-    "CheckpointManager", "NotACheckpointError",
+    "wrap_adapter", "Fp8Array", "QuantizedArray", "dequantize", "quant",
+    "quantize", "AdapterMismatchError", "CheckpointBusyError",
+    "CheckpointCorruptError", "CheckpointManager", "NotACheckpointError",
     "CheckpointMismatchError", "Count", "LayoutError", "LoRA", "apply",
     "combine", "count", "labels", "load_adapter", "load_merged",
     "loraplus_optimizer", "mask", "merge", "optimizer", "partition",

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jlora import _fp8
 from jlora._quant_array import is_quantized
 from jlora.node import LoRA, base_array, is_multi
 
@@ -280,7 +281,7 @@ class Factored:
     xl, kl, al, bl, tl, out = (plan.xl, plan.kl, plan.al, plan.bl, plan.tl,
                                plan.out)
     r = al[-1]
-    base = self._base_product(x, kernel_is_rhs, bind)
+    base = self._base_product(x, kernel_is_rhs, bind, params)
 
     dtype = self.w.dtype
     out_dtype = params.get("preferred_element_type") or base.dtype
@@ -337,8 +338,10 @@ class Factored:
     factor = factor.reshape(*factor.shape[:-1], n, factor.shape[-1] // n)
     return jnp.take(factor, ids, axis=-2, mode="fill", fill_value=0)
 
-  def _base_product(self, x, kernel_is_rhs: bool, bind):
+  def _base_product(self, x, kernel_is_rhs: bool, bind, params=None):
     """``dot_general(x, w)``, dequantizing a quantized ``w`` for this use."""
+    if _fp8.is_fp8(self.w):  # FP8 base: an FP8 product where it can
+      return _fp8.dot_general(x, self.w, kernel_is_rhs, params, bind)
     if not is_quantized(self.w):
       return bind(*((x, self.w) if kernel_is_rhs else (self.w, x)))
 

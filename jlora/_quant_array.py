@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora._fp8 import Fp8Array
+
 Array = Any
 
 METHODS = ("nf4", "fp4", "int8")
@@ -433,7 +435,8 @@ _block_scales_jit = jax.jit(QuantizedArray._block_scales)
 
 
 def is_quantized(x: Any) -> bool:
-  return isinstance(x, QuantizedArray)
+  """A stored frozen kernel: a `QuantizedArray` or an FP8 `Fp8Array`."""
+  return isinstance(x, (QuantizedArray, Fp8Array))
 
 
 def quantize_array(x: Array, method: str = "nf4", *, block_size: int = 64,

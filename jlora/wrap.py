@@ -9,6 +9,8 @@ import jax
 import numpy as np
 
 from jlora._factored import Factored
+from jlora._fp8 import is_fp8
+from jlora._fp8_kernel import Fp8Kernel
 from jlora._interpreter import eval_jaxpr
 from jlora._paths import is_leaf
 from jlora._quant_array import is_quantized
@@ -30,6 +32,8 @@ def _abstract(x: Any) -> Any:
 def _input(x: Any, rng, ids) -> Any:
   if is_lora(x):
     return Factored.from_node(x, rng, ids)
+  if is_fp8(x):  # frozen, its products still in FP8
+    return Fp8Kernel(jax.lax.stop_gradient(x))
   # A quantized kernel without an adapter is frozen: dequantize it once.
   return x.dequantize() if is_quantized(x) else x
 
@@ -76,7 +80,8 @@ def wrap(fn: Callable[..., Any], *, share_inputs: bool = True
   Array arguments (and `LoRA` nodes) are traced; every other argument
   (Python scalars, strings, flags) is passed to `fn` as a constant. A
   quantized kernel (see `jlora.quantize`) is dequantized per use when it has
-  an adapter and once at entry when it has none.
+  an adapter and once at entry when it has none; an FP8 kernel (``"fp8"``)
+  runs its products in FP8 either way.
 
   Adapter dropout (nodes made with ``dropout > 0``) is active only when the
   call is given a PRNG key as the keyword ``lora_rng``; it masks the input of
