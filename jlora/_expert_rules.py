@@ -33,8 +33,7 @@ group sizes.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -196,7 +195,7 @@ def _key_data(rng):
   return rng, None
 
 
-def _select_quantized(w, op, kernel_roles):
+def _select_quantized(w, op):
   """The selection on a quantized base's stored arrays, or None if it
   touches axes that its blocks span."""
   k = w.stacked
@@ -224,7 +223,7 @@ def _apply(kernel: Factored, op) -> Factored:
     if x is None:
       continue
     if name == "w" and is_quantized(x):
-      q = _select_quantized(x, op, kernel.roles)
+      q = _select_quantized(x, op)
       if q is not None:
         arrays[name] = q
         continue
@@ -270,6 +269,8 @@ def _select_rule(make_op, what: str):
         isinstance(x, Factored) for x in invals[1:]):
       return _fuse(eqn, invals)
     op = make_op(eqn, invals)
+    if op is None:
+      return _fuse(eqn, invals)
     touched = op.touched(tuple(kernel.w.shape))
     # Cutting input or output axes keeps the factors (a slice of w + a @ b
     # is a slice of a or of b); selecting single entries of them does not
@@ -307,7 +308,7 @@ def _slice_op(eqn, invals):
 def _dynamic_slice_op(eqn, invals):
   ndim = len(eqn.params["slice_sizes"])
   if len(invals) != 1 + ndim:
-    raise NotImplementedError("dynamic_slice with dynamic sizes")
+    return None  # dynamic sizes (dynamic shapes): the fused kernel
   return _Slice(tuple(invals[1:]), tuple(eqn.params["slice_sizes"]),
                 dynamic=True)
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora._quant_array import is_quantized
-from jlora.node import LoRA, base_array, is_multi
+from jlora.node import LoRA, _to_kernel_layout, base_array, is_multi
 
 
 class LayoutError(ValueError):
@@ -109,8 +109,7 @@ class Factored:
     b = _to_kernel_order(b, roles, "bo", "o")
     gain = None
     if node.m is not None:
-      acc = jnp.promote_types(w.dtype, jnp.float32)
-      gain = node.column_gain(base_array(w).astype(acc) + node.delta(acc))
+      gain = _dora_gain(node, w, a, b)
     if node.dropout and rng is not None:
       rng = jax.random.split(rng, stacked) if stacked else rng
     else:
@@ -551,6 +550,38 @@ def shared_input_products(kernels, x, kernel_is_rhs: bool, params: dict):
                  preferred_element_type=out_dtype)
   splits = list(itertools.accumulate(f.shape[-1] for f in factors))[:-1]
   return jnp.split(t, splits, axis=-1)
+
+
+def _dora_gain(node: LoRA, w, a, b):
+  """DoRA's ``m / ||W'||`` per output column, the norm taken factored.
+
+  With ``W' = w + s * A B`` and ``c`` a column (one output, one stacked
+  index): ``||W'_c||^2 = ||w_c||^2 + 2 s (w^T A)_c . B_c + s^2 B_c^T (A^T A)
+  B_c``, so only products against ``w`` and (r, r) Gram matrices are
+  formed, never ``A B``. `a`, `b`: the factors in `Factored` order.
+  """
+  roles = node.layout
+  acc = jnp.promote_types(w.dtype, jnp.float32)
+  dense = base_array(w).astype(acc)
+  a, b = a.astype(acc), b.astype(acc)
+  kl = string.ascii_letters[:len(roles)]
+  r, q = string.ascii_letters[len(roles):len(roles) + 2]
+  pick = lambda keep: "".join(l for l, x in zip(kl, roles) if x in keep)
+  al, bl, cl, sl = pick("bi") + r, pick("bo") + r, pick("bo"), pick("b")
+  exact = jax.lax.Precision.HIGHEST
+  squares = jnp.einsum(f"{kl}->{cl}", dense * dense)
+  wa = jnp.einsum(f"{kl},{al}->{cl}{r}", dense, a, precision=exact)
+  cross = jnp.einsum(f"{cl}{r},{bl}->{cl}", wa, b, precision=exact)
+  gram = jnp.einsum(f"{al},{al[:-1]}{q}->{sl}{r}{q}", a, a, precision=exact)
+  quad = jnp.einsum(f"{bl},{sl}{r}{q},{bl[:-1]}{q}->{cl}", b, gram, b,
+                    precision=exact)
+  s = node.scale
+  norm = jnp.sqrt(jnp.maximum(squares + 2 * s * cross + s * s * quad, 0))
+  norm = jax.lax.stop_gradient(jnp.expand_dims(
+      norm, [k for k, x in enumerate(roles) if x == "i"]))
+  m = _to_kernel_layout(node.m[..., None, :].astype(jnp.float32), roles,
+                        tuple(norm.shape))
+  return (m / norm).astype(acc)
 
 
 def _transpose(w, perm):

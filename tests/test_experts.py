@@ -35,7 +35,6 @@ X = np.asarray(jax.random.normal(jax.random.key(2), (T, D)), np.float32)
 IDS = np.array([2, 0, 3, 3, 1, 0, 2, 1], np.int32)  # one expert per token
 TOPK = np.array([[2, 0], [3, 1], [0, 1], [3, 2], [1, 0], [2, 3], [0, 3],
                  [1, 2]], np.int32)  # (T, K)
-XE = np.asarray(jax.random.normal(jax.random.key(3), (E, 3, D)), np.float32)
 
 
 # Each form: (fn(p, x, ids), float64 NumPy reference on the fused kernel).
@@ -416,6 +415,20 @@ def test_scan_over_layers_of_experts(layers, moe, remat):
   assert_factored(fn, layers, X)
 
 
+def test_quantized_layers_of_experts_under_scan():
+  keys = [moe_params(seed=s) for s in range(L)]
+  params = jax.tree.map(lambda *x: jnp.stack(x), *keys)
+  q = jlora.quantize(params, "nf4", targets="gate|up|down", block_size=6,
+                     compute_dtype=jnp.float32)
+  assert q["gate"].stacked == 2  # layers and experts
+  qlp = randomize_b(jlora.apply(q, rank=R, targets="gate|up|down", key=KEY),
+                    KEY, std=0.3)
+  for moe in (moe_gather, moe_ragged):
+    fn = stacked_moe(moe)
+    got = jax.jit(jlora.wrap(fn))(qlp, X)
+    assert rel_err(got, fn(jlora.merge(qlp), X)) < 2e-6
+
+
 def test_vmap_over_wrapped_moe():
   # (JAX 0.10 cannot vmap a ragged_dot over its rows, wrapped or not.)
   lp = moe_lora()
@@ -473,6 +486,8 @@ def test_dora_gain_is_selected_with_the_expert(form):
   g, g_ref, *_ = _grads(fn, lp, X, IDS)
   for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  # The column norms are taken factored too.
+  assert_factored(fn, lp, X, IDS)
 
 
 def test_dropout_key_follows_the_selected_expert():
