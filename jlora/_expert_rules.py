@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import primitives as prims
 
 from jlora._factored import Factored, LayoutError
 from jlora._quant_array import is_quantized
@@ -374,7 +375,12 @@ _ROWWISE = frozenset({
 _MOVE = frozenset({"reshape", "squeeze", "expand_dims"})
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call",
                     "custom_jvp_call", "custom_vjp_call",
-                    "custom_vjp_call_jaxpr", "checkpoint", "remat"})
+                    "custom_vjp_call_jaxpr", "checkpoint", "remat", "remat2",
+                    prims.jit_p.name, prims.remat_p.name})
+# Calls whose inner jaxpr takes the equation's inputs as they are.
+_SAME_INPUTS = frozenset({"jit", "pjit", "closed_call", "core_call",
+                          "checkpoint", "remat", "remat2", prims.jit_p.name,
+                          prims.remat_p.name})
 
 
 def _inner(eqn):
@@ -421,7 +427,7 @@ def _data_input(eqn):
     source, chain = _row_source(inner.outvars[0], inner)
     if chain and source in inner.invars:
       moves = any(m for _, _, m in chain)
-      if moves and name not in ("jit", "pjit", "closed_call", "core_call"):
+      if moves and name not in _SAME_INPUTS:
         return None
       return inner.invars.index(source), moves
   return None
@@ -495,45 +501,56 @@ def _example_rows(lhs_var, lhs, kernel):
   """The example of each row of a ragged_dot's input, (rows,) int32."""
   from jlora._interpreter import current_frame
   batch = kernel.ids.shape[0]
-  numbers, tokens = _row_numbers(lhs_var, current_frame())
-  if numbers is None:
-    tokens, numbers = lhs.shape[0], jnp.arange(lhs.shape[0])
-  if lhs.ndim != 2 or tokens % batch:
+  numbers, tokens, moved = _row_numbers(lhs_var, current_frame())
+  if lhs.ndim != 2 or not moved or tokens % batch:
+    found = (f"come from an array of {tokens} rows" if moved else
+             "are not gathered from the tokens")
     raise ValueError(
         f"adapter_ids has {batch} entries, but the rows of the ragged_dot"
-        f" with '{kernel.path}' come from an array of {tokens} rows; sort"
-        " tokens with a gather of a (batch * sequence, features) array"
-        " (x_flat[order]) before the ragged_dot")
+        f" with '{kernel.path}' {found}, so their examples are unknown;"
+        " sort tokens with a gather of the (batch * sequence, features)"
+        " array (x_flat[order]) before the ragged_dot, or run one adapter"
+        " at a time (jlora.select)")
   return jnp.round(numbers).astype(jnp.int32) // (tokens // batch)
 
 
-_SAME_INPUTS = frozenset({"jit", "pjit", "closed_call", "core_call",
-                          "checkpoint", "remat"})
-
-
 def _row_numbers(var, frame):
-  """(row of the token array that each row of `var` comes from, tokens).
+  """(row of the token array that each row of `var` comes from, tokens,
+  whether a gather picked the rows on the way).
 
   Follows the rows into the calls around `frame` (a checkpointed expert
-  block fed sorted tokens from outside); (None, None) without a frame.
+  block fed sorted tokens from outside).
   """
   if frame is None or isinstance(var, jax.extend.core.Literal):
-    return None, None
+    return None, None, False
   source, chain = _row_source(var, frame.jaxpr)
-  start, tokens = None, None
+  start, tokens, moved = None, None, False
   parent = frame.parent
   if (source in frame.jaxpr.invars and parent is not None
       and parent.eqn.primitive.name in _SAME_INPUTS
       and len(parent.eqn.invars) == len(frame.jaxpr.invars)):
     outer = parent.eqn.invars[frame.jaxpr.invars.index(source)]
-    start, tokens = _row_numbers(outer, parent)
+    start, tokens, moved = _row_numbers(outer, parent)
   if start is None:
     tokens = source.aval.shape[0]
     start = lax.broadcasted_iota(jnp.float32, source.aval.shape, 0)
   else:
     start = _rows(start, tuple(source.aval.shape))
-  moved = _replay(chain, start, frame.read)
-  return moved.reshape(moved.shape[0], -1)[:, 0], tokens
+  rows = _replay(chain, start, frame.read)
+  return rows.reshape(rows.shape[0], -1)[:, 0], tokens, moved or _gathers(
+      chain)
+
+
+def _gathers(chain) -> bool:
+  """Whether a chain of row steps picks rows with a gather (sorts them)."""
+  for eqn, _, moves in chain:
+    if eqn.primitive.name == "gather":
+      return True
+    if moves and eqn.primitive.name in _CALLS:
+      inner, _ = _inner(eqn)
+      if _gathers(_row_source(inner.outvars[0], inner)[1]):
+        return True
+  return False
 
 
 RULES = {

@@ -543,12 +543,33 @@ def _np_mixed(s, ids, x, moe_tokens=S):
   return np.concatenate(out)
 
 
-@pytest.mark.parametrize("moe", sorted(MOE))
+def moe_ragged_remat(p, x, k=K):
+  """Sorted dispatch outside, the expert MLP in a checkpoint fed sorted rows."""
+  weights, experts = _route(p, x, k)
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat)
+  sizes = jnp.bincount(flat, length=p["gate"].shape[0])
+
+  @jax.checkpoint
+  def mlp(xs, sizes, gate, up, down):
+    h = jax.nn.silu(lax.ragged_dot(xs, gate, sizes)) * lax.ragged_dot(
+        xs, up, sizes)
+    return lax.ragged_dot(h, down, sizes)
+
+  y = mlp(x[order // k], sizes, p["gate"], p["up"], p["down"])
+  y = jnp.zeros_like(y).at[order].set(y).reshape(*experts.shape, -1)
+  return jnp.einsum("tkd,tk->td", y, weights)
+
+
+MIXED = dict(MOE, ragged_remat=moe_ragged_remat)
+
+
+@pytest.mark.parametrize("moe", sorted(MIXED))
 def test_mixed_adapter_batch_on_moe_layer(adapters, moe):
   stacked = jlora.stack_adapters(adapters)
   ids = np.array([2, -1], np.int32), np.array([1, 0], np.int32)
   for batch_ids in ids:
-    got = jax.jit(jlora.wrap(MOE[moe]))(stacked, X, adapter_ids=batch_ids)
+    got = jax.jit(jlora.wrap(MIXED[moe]))(stacked, X, adapter_ids=batch_ids)
     want = _np_mixed(adapters, batch_ids, X)
     assert rel_err(got, want) < 2e-6
 
@@ -647,3 +668,18 @@ def test_expert_sharded_mesh_matches_merged_path():
   code = ("import sys; sys.path.insert(0, %r); import test_experts;"
           " test_experts._expert_parallel_check()" % here)
   subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+def test_mixed_batch_ragged_rows_of_unknown_examples_raise(adapters):
+  # Rows sorted by lax.sort (not gathered from the tokens): their examples
+  # cannot be told, so a mixed batch refuses rather than guess.
+  def moe_sorted_by_sort(p, x):
+    weights, experts = _route(p, x, 1)
+    keys = jnp.broadcast_to(experts[:, :1], x.shape)
+    keys, xs = lax.sort((keys, x), dimension=0, num_keys=1)
+    sizes = jnp.bincount(keys[:, 0], length=E)
+    return lax.ragged_dot(xs, p["up"], sizes)
+
+  stacked = jlora.stack_adapters(adapters)
+  with pytest.raises(ValueError, match="'up'.*not gathered.*x_flat"):
+    jlora.wrap(moe_sorted_by_sort)(stacked, X, adapter_ids=np.array([0, 1]))
