@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from jlora import _fp8
 from jlora._quant_array import is_quantized
-from jlora.node import LoRA, base_array, is_multi
+from jlora.node import LoRA, _to_kernel_layout, base_array, is_multi
 
 
 class LayoutError(ValueError):
@@ -110,8 +110,7 @@ class Factored:
     b = _to_kernel_order(b, roles, "bo", "o")
     gain = None
     if node.m is not None:
-      acc = jnp.promote_types(w.dtype, jnp.float32)
-      gain = node.column_gain(base_array(w).astype(acc) + node.delta(acc))
+      gain = _dora_gain(node, w, a, b)
     if node.dropout and rng is not None:
       rng = jax.random.split(rng, stacked) if stacked else rng
     else:
@@ -204,6 +203,34 @@ class Factored:
     return self.replace(w=w, a=a, b=b, gain=gain, rng=rng,
                         roles=self.roles[1:], orig=self.orig[1:])
 
+  # -- expert selection (the rules are in jlora/_expert_rules.py) ----------
+
+  def aligned(self) -> dict[str, tuple[Any, tuple, frozenset]]:
+    """The arrays that follow the kernel's axes, for selections of them.
+
+    name -> (array, axis map, broadcast axes). Entry d of the axis map is
+    the kernel axis that the array's axis d follows, or None for an axis of
+    its own (the rank axis); broadcast axes have size 1 (DoRA's gain on the
+    input axes).
+    """
+    roles = self.roles
+
+    def axes(keep):
+      return tuple(k for k, r in enumerate(roles) if r in keep)
+
+    every = tuple(range(len(roles)))
+    rng_axes = axes("b") if self.rng is not None and self.rng.ndim else ()
+    return {"w": (self.w, every, frozenset()),
+            "a": (self.a, axes("bi") + (None,), frozenset()),
+            "b": (self.b, axes("bo") + (None,), frozenset()),
+            "gain": (self.gain, every, frozenset(axes("i"))),
+            "rng": (self.rng, rng_axes, frozenset())}
+
+  def with_selection(self, arrays: dict, roles: str,
+                     orig: tuple[int, ...]) -> "Factored":
+    """The kernel after a selection: new `aligned` arrays and axis roles."""
+    return self.replace(**arrays, roles=roles, orig=tuple(orig))
+
   # -- uses ---------------------------------------------------------------
 
   def materialize(self):
@@ -252,8 +279,10 @@ class Factored:
     k_free = [kl[j] for j in range(len(kl)) if j not in kc and j not in kb]
     batch = [xl[i] for i in xb]
     out = batch + (x_free + k_free if kernel_is_rhs else k_free + x_free)
+    # Without free axes of x, its first batch axis: the token axis that a
+    # kernel gathered per token (w[expert_ids]) shares with x.
     example = next((i for i in range(x.ndim) if i not in xc and i not in xb),
-                   None)
+                   min(xb, default=None))
     return _Plan(xl, kl, al, bl, tl, out, example)
 
   def shares_input_product(self, x, kernel_is_rhs: bool, params: dict):
@@ -292,9 +321,9 @@ class Factored:
       # and (r, out) factors are gathered and multiplied batch-wise.
       ids = self._example_ids(x, plan.example)
       e = xl[plan.example]
-      a = a if t is not None else self._gather(a, ids)
-      b = self._gather(b, ids)
-      al, bl = al[:-1] + [e, r], bl[:-1] + [e, r]
+      a = a if t is not None else self._gather(a, ids, al, e)
+      b = self._gather(b, ids, bl, e)
+      al, bl = _with_example(al, e), _with_example(bl, e)
       scale = jnp.asarray(self.group_scales + (0.0,), out_dtype)[ids]
       scale = scale.reshape([-1 if l == e else 1 for l in tl])
     if t is None:
@@ -312,6 +341,90 @@ class Factored:
                                      if x_ == "i"]).astype(y.dtype)
       y = jnp.einsum(f"{''.join(out)},{''.join(gl)}->{''.join(out)}", y, gain)
     return y
+
+  def ragged_dot(self, x, group_sizes, dimension_numbers, params: dict,
+                 bind, example_rows=None):
+    """``ragged_dot_general(x, kernel, group_sizes)`` computed factored.
+
+    The kernel's group axis is a stacked (expert) axis and the groups are
+    runs of rows of `x` (tokens sorted by expert): ``ragged_dot(x, w) +
+    scale * ragged_dot(ragged_dot(x, a), b)``, all with `group_sizes`, so
+    each row meets its own expert's ``a`` (in, r) and ``b`` (r, out) only.
+
+    Mixed-adapter batches need `example_rows`, the example of each row of a
+    2-D `x`: the n adapters' ranks run side by side, and each row keeps its
+    own adapter's block of ``x @ a`` (scaled) and zeros elsewhere.
+    """
+    (lc, rc), (lb, rb) = dimension_numbers.dot_dimension_numbers
+    (g,) = dimension_numbers.rhs_group_dimensions
+    (m,) = dimension_numbers.lhs_ragged_dimensions
+    base = self._base_product(x, True, bind)
+    dtype = self.w.dtype
+    out_dtype = params.get("preferred_element_type") or base.dtype
+    options = dict(precision=params.get("precision"),
+                   preferred_element_type=out_dtype,
+                   group_offset=params.get("group_offset"))
+
+    def axis_of(keep):  # kernel axis -> axis of the factor with those roles
+      return {k: i for i, k in enumerate(
+          k for k, r in enumerate(self.roles) if r in keep)}
+
+    pa, pb = axis_of("bi"), axis_of("bo")
+    first = jax.lax.RaggedDotDimensionNumbers(
+        ((tuple(lc), tuple(pa[k] for k in rc)),
+         (tuple(lb), tuple(pa[k] for k in rb))), [m], [pa[g]])
+    t = jax.lax.ragged_dot_general(self._dropout(x), self.a.astype(dtype),
+                                   group_sizes, first, **options)
+    scale = jnp.asarray(self.scale, out_dtype)
+    if self.group_scales:
+      scale = self._row_scales(example_rows, t.shape)
+    # t: (*batch, *free rows of x, r); the ragged axis keeps its place.
+    x_free = [d for d in range(x.ndim) if d not in lc and d not in lb]
+    second = jax.lax.RaggedDotDimensionNumbers(
+        (((t.ndim - 1,), (self.b.ndim - 1,)),
+         (tuple(range(len(lb))), tuple(pb[k] for k in rb))),
+        [len(lb) + x_free.index(m)], [pb[g]])
+    t = (t * scale.astype(out_dtype)).astype(dtype)
+    delta = jax.lax.ragged_dot_general(t, self.b.astype(dtype), group_sizes,
+                                       second, **options)
+    y = base + delta.astype(base.dtype)
+    if self.gain is not None:
+      y = y * self._row_gain(x, group_sizes, dimension_numbers, params,
+                             y.dtype)
+    return y
+
+  def _row_scales(self, example_rows, shape):
+    """(rows, n * r): each row's adapter scale on its block, 0 elsewhere."""
+    n = len(self.group_scales)
+    if example_rows is None or len(shape) != 2:
+      raise ValueError(
+          f"'{self.path}' runs a different adapter per example under a"
+          " ragged_dot, which needs a 2-D (rows, features) input whose rows"
+          " are gathered from the tokens; run one adapter at a time"
+          " (jlora.select) for this model")
+    ids = jnp.where(self.ids < 0, n, self.ids)[example_rows]
+    scales = jnp.asarray(self.group_scales + (0.0,), jnp.float32)[ids]
+    blocks = (jnp.arange(n) == ids[:, None]) * scales[:, None]
+    return jnp.repeat(blocks, shape[1] // n, axis=1)
+
+  def _row_gain(self, x, group_sizes, dimension_numbers, params, dtype):
+    """DoRA's gain of each row's expert, broadcast against the output."""
+    (lc, _), (lb, _) = dimension_numbers.dot_dimension_numbers
+    (g,) = dimension_numbers.rhs_group_dimensions
+    (m,) = dimension_numbers.lhs_ragged_dimensions
+    if lb or group_sizes.ndim != 1 or params.get("group_offset") is not None:
+      raise NotImplementedError(
+          f"DoRA on '{self.path}' under a ragged_dot with batch axes or a"
+          " group offset; use a plain ragged_dot(x, w, group_sizes)")
+    inputs = [k for k, r in enumerate(self.roles) if r == "i"]
+    gain = jnp.squeeze(self.gain, inputs)  # (*kernel axes but inputs)
+    gain = jnp.moveaxis(gain, [k for k in range(len(self.roles))
+                               if k not in inputs].index(g), 0)
+    rows = jnp.repeat(jnp.arange(group_sizes.shape[0]), group_sizes,
+                      total_repeat_length=x.shape[m])
+    x_free = [d for d in range(x.ndim) if d not in lc]
+    shape = [x.shape[d] if d == m else 1 for d in x_free]
+    return gain[rows].reshape(*shape, *gain.shape[1:]).astype(dtype)
 
   def _example_ids(self, x, example: int | None):
     """Each row's adapter index along x's `example` axis; n for no adapter.
@@ -332,10 +445,21 @@ class Factored:
     # A negative id runs no adapter: it indexes past the end, filled with 0.
     return jnp.where(ids < 0, n, ids)
 
-  def _gather(self, factor, ids):
-    """(..., n * r) -> (..., E, r): each example's own adapter's factor."""
+  def _gather(self, factor, ids, letters=(), e=None):
+    """(..., n * r) -> (..., E, r): each example's own adapter's factor.
+
+    A factor that has the example axis already (`e` among its einsum
+    `letters`: a kernel gathered per token, ``w[expert_ids]``) keeps it and
+    takes each row's own adapter: (..., E, ..., n * r) -> (..., E, ..., r).
+    """
     n = len(self.group_scales)
     factor = factor.reshape(*factor.shape[:-1], n, factor.shape[-1] // n)
+    if e in letters[:-1]:
+      # Rows without an adapter (id n) get a scale of 0: any block will do.
+      shape = [1] * factor.ndim
+      shape[list(letters).index(e)] = -1
+      rows = jnp.minimum(ids, n - 1).reshape(shape)
+      return jnp.take_along_axis(factor, rows, axis=-2)[..., 0, :]
     return jnp.take(factor, ids, axis=-2, mode="fill", fill_value=0)
 
   def _base_product(self, x, kernel_is_rhs: bool, bind, params=None):
@@ -387,6 +511,11 @@ class Factored:
         f" layout={{{self.path!r}: {suggestion!r}}}).")
 
 
+def _with_example(letters: list, e: str) -> list:
+  """A factor's einsum letters once each example's adapter is taken."""
+  return letters if e in letters[:-1] else letters[:-1] + [e, letters[-1]]
+
+
 class _Plan(NamedTuple):
   xl: list
   kl: list
@@ -413,8 +542,9 @@ def shared_input_products(kernels, x, kernel_is_rhs: bool, params: dict):
   al = plan.al
   if first.group_scales:  # each kernel's per-example factors, gathered
     ids = first._example_ids(x, plan.example)  # one adapter_ids per call
-    factors = [k._gather(k.a, ids) for k in kernels]
-    al = al[:-1] + [plan.xl[plan.example], al[-1]]
+    e = plan.xl[plan.example]
+    factors = [k._gather(k.a, ids, al, e) for k in kernels]
+    al = _with_example(al, e)
   else:
     factors = [k.a for k in kernels]
   a = jnp.concatenate([f.astype(dtype) for f in factors], axis=-1)
@@ -423,6 +553,38 @@ def shared_input_products(kernels, x, kernel_is_rhs: bool, params: dict):
                  preferred_element_type=out_dtype)
   splits = list(itertools.accumulate(f.shape[-1] for f in factors))[:-1]
   return jnp.split(t, splits, axis=-1)
+
+
+def _dora_gain(node: LoRA, w, a, b):
+  """DoRA's ``m / ||W'||`` per output column, the norm taken factored.
+
+  With ``W' = w + s * A B`` and ``c`` a column (one output, one stacked
+  index): ``||W'_c||^2 = ||w_c||^2 + 2 s (w^T A)_c . B_c + s^2 B_c^T (A^T A)
+  B_c``, so only products against ``w`` and (r, r) Gram matrices are
+  formed, never ``A B``. `a`, `b`: the factors in `Factored` order.
+  """
+  roles = node.layout
+  acc = jnp.promote_types(w.dtype, jnp.float32)
+  dense = base_array(w).astype(acc)
+  a, b = a.astype(acc), b.astype(acc)
+  kl = string.ascii_letters[:len(roles)]
+  r, q = string.ascii_letters[len(roles):len(roles) + 2]
+  pick = lambda keep: "".join(l for l, x in zip(kl, roles) if x in keep)
+  al, bl, cl, sl = pick("bi") + r, pick("bo") + r, pick("bo"), pick("b")
+  exact = jax.lax.Precision.HIGHEST
+  squares = jnp.einsum(f"{kl}->{cl}", dense * dense)
+  wa = jnp.einsum(f"{kl},{al}->{cl}{r}", dense, a, precision=exact)
+  cross = jnp.einsum(f"{cl}{r},{bl}->{cl}", wa, b, precision=exact)
+  gram = jnp.einsum(f"{al},{al[:-1]}{q}->{sl}{r}{q}", a, a, precision=exact)
+  quad = jnp.einsum(f"{bl},{sl}{r}{q},{bl[:-1]}{q}->{cl}", b, gram, b,
+                    precision=exact)
+  s = node.scale
+  norm = jnp.sqrt(jnp.maximum(squares + 2 * s * cross + s * s * quad, 0))
+  norm = jax.lax.stop_gradient(jnp.expand_dims(
+      norm, [k for k, x in enumerate(roles) if x == "i"]))
+  m = _to_kernel_layout(node.m[..., None, :].astype(jnp.float32), roles,
+                        tuple(norm.shape))
+  return (m / norm).astype(acc)
 
 
 def _transpose(w, perm):

@@ -10,7 +10,8 @@ factored inside them. Anything else sees the fused kernel.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+import contextvars
+from typing import Any, Callable, NamedTuple
 
 import jax
 from jax import lax
@@ -51,9 +52,28 @@ _LAYOUT_OPS = frozenset({"convert_element_type", "transpose", "reshape",
                          "copy", "copy_p", "sharding_constraint"})
 
 
+class Frame(NamedTuple):
+  """A rule's equation, its jaxpr's values so far, and the calling frame."""
+  jaxpr: Any
+  read: Callable[[Any], Any]
+  eqn: Any
+  parent: "Frame | None"  # the call (jit, checkpoint, scan) around `jaxpr`
+
+
+# Set while a rule runs, for rules that look at how their inputs were made
+# (a ragged_dot finding which example each sorted row comes from).
+_FRAME: contextvars.ContextVar[Frame | None] = contextvars.ContextVar(
+    "jlora_interpreter_frame", default=None)
+
+
+def current_frame() -> Frame | None:
+  return _FRAME.get()
+
+
 def eval_jaxpr(jaxpr, consts, args, *, fuse_outputs: bool,
                share: bool = True) -> list[Any]:
   env: dict[Any, Any] = {}
+  caller = _FRAME.get()
 
   def read(v):
     return v.val if isinstance(v, _Literal) else env[v]
@@ -66,7 +86,11 @@ def eval_jaxpr(jaxpr, consts, args, *, fuse_outputs: bool,
     invals = [read(v) for v in eqn.invars]
     if any(_is_factored(x) for x in invals):
       rule = _RULES.get(eqn.primitive.name, _fuse_rule)
-      outs = rule(eqn, invals, share)
+      token = _FRAME.set(Frame(jaxpr, read, eqn, caller))
+      try:
+        outs = rule(eqn, invals, share)
+      finally:
+        _FRAME.reset(token)
     else:
       outs = bind(eqn, invals)
     for v, x in zip(eqn.outvars, outs):
@@ -297,3 +321,9 @@ _RULES: dict[str, Callable] = {
     prims.remat_p.name: _remat_rule,
     prims.scan_p.name: _scan_rule,
 }
+
+# Expert selection from stacked kernels (slice, squeeze, dynamic_slice,
+# gather, ragged_dot): see jlora/_expert_rules.py.
+from jlora import _expert_rules  # noqa: E402  (its rules call `bind` above)
+
+_RULES.update(_expert_rules.RULES)

@@ -71,8 +71,10 @@ def wrap(fn: Callable[..., Any], *, share_inputs: bool = True
   Inside the returned function every matrix product against a LoRA kernel is
   computed factored, ``x @ w + scale * ((x @ a) @ b)``: the (in, out) update
   ``a @ b`` is never formed and the frozen ``w`` gets no gradient, so its
-  weight gradient is never computed. Any other use of the kernel (an
-  elementwise op, a gather) sees the fused ``w + scale * a @ b``. Works
+  weight gradient is never computed. Selecting experts (slices) of a stacked
+  kernel, by indexing, gathers or ``lax.ragged_dot``, selects the factors
+  alike (see `jlora._expert_rules`). Any other use of the kernel (an
+  elementwise op) sees the fused ``w + scale * a @ b``. Works
   through `jit`, `jax.checkpoint`, `lax.scan` (e.g. `nn.scan` over stacked
   layers) and `custom_vjp` functions inside `fn`, and composes with `jit`,
   `grad` and `vmap` outside it.
