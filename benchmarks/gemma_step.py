@@ -273,10 +273,10 @@ def main() -> None:
   ref = next((r for r in results
               if r["system"] == "peft_compile" and "error" not in r), None)
   lines = [
-    f"shape {args.shape}: {s}; LoRA r={args.rank} alpha={args.alpha}; bf16 "
-    f"matmul {tflops or 0:.0f} TFLOP/s; floor {flops / 1e12:.1f} TFLOP/step",
-    f"{'system':<18}{'step s':>9}{'tokens/s':>11}{'peak GiB':>9}{'floor':>8}"
-    f"{'vs PEFT':>9}{'mem':>7}{'loss0->N':>18}",
+    (f"shape {args.shape}: {s}; LoRA r={args.rank} alpha={args.alpha}; bf16 "
+     f"matmul {tflops or 0:.0f} TFLOP/s; floor {flops / 1e12:.1f} TFLOP/step"),
+    (f"{'system':<18}{'step s':>9}{'tokens/s':>11}{'peak GiB':>9}{'floor':>8}"
+     f"{'vs PEFT':>9}{'mem':>7}{'loss0->N':>18}"),
   ]
   lines.append("-" * len(lines[-1]))
   for r in results:

@@ -198,6 +198,17 @@ class ModelConfig:
       raise ValueError(
         f"hidden_act = {self.hidden_act!r}; choose one of {ACTIVATIONS}"
       )
+    if (
+      self.local_rope is not None
+      and self.local_rope.partial_rotary_factor
+      != self.rope.partial_rotary_factor
+    ):
+      raise ValueError(
+        "local_rope and rope rotate different fractions of each head "
+        f"({self.local_rope.partial_rotary_factor} vs "
+        f"{self.rope.partial_rotary_factor}); give both the same "
+        "partial_rotary_factor"
+      )
     for rope in (self.rope, self.local_rope):
       if rope is None or rope.rope_type != "longrope":
         continue

@@ -60,7 +60,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from jlora.models import _attention
-from jlora.models._rope import apply_rope, cos_sin, rotary_dim
+from jlora.models._rope import apply_rope, cos_sin
 from jlora.models.config import ModelConfig
 
 REMAT_POLICIES = (
@@ -371,7 +371,7 @@ def _cached(attend, q, k, v, cache, kind: _LayerKind, ctx: _Context, window):
 
   cache = (k, v, ring_k, ring_v) stacks (ring_* None without ring buffers).
   """
-  k_all, v_all, ring_k, ring_v = cache
+  k_all, ring_k = cache[0], cache[2]
 
   def full(q, k, v, cache):
     # Write this call's keys/values at slot `index` of this layer, then attend

@@ -179,7 +179,7 @@ def _generate(
 
   def advance(logits, state):
     """The next token from the fed token's logits (B, V)."""
-    token, pos, cache, done, key = state
+    _, pos, cache, done, key = state
     key, sub = jax.random.split(key)
     new = pick(logits, sub)
     if eos is not None:
