@@ -440,6 +440,6 @@ def test_config_rejects_unsupported():
     NotImplementedError, match=r"rope_parameters\['rope_type'\] = 'yarn'"
   ):
     ModelConfig.from_hf(yarn)
-  gelu = transformers.LlamaConfig(**TINY, hidden_act="gelu")
-  with pytest.raises(NotImplementedError, match="hidden_act = 'gelu'"):
-    ModelConfig.from_hf(gelu)
+  relu = transformers.LlamaConfig(**TINY, hidden_act="relu")
+  with pytest.raises(NotImplementedError, match="hidden_act = 'relu'"):
+    ModelConfig.from_hf(relu)

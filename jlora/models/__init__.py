@@ -1,6 +1,7 @@
-"""Flax (linen) Llama-family causal LMs that load HuggingFace checkpoints.
+"""Flax (linen) decoder-only causal LMs that load HuggingFace checkpoints.
 
-Llama 2/3, Mistral, Qwen2/2.5 and Qwen3.
+Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3, one
+decoder (`CausalLM`) whose family differences are `ModelConfig` fields.
 
 Example:
   >>> from jlora.models import from_pretrained, generate
@@ -10,15 +11,17 @@ Example:
 
 from jlora.models.config import ModelConfig, RopeConfig
 from jlora.models.generate import generate, sample_logits
-from jlora.models.llama import (
+from jlora.models.decoder import (
   CHECKPOINT_NAMES,
   REMAT_POLICIES,
+  CausalLM,
   KVCache,
   LlamaForCausalLM,
+  document_positions,
   init_cache,
   remat_policy,
 )
-from jlora.models.losses import chunked_cross_entropy
+from jlora.models.losses import causal_lm_loss, chunked_cross_entropy
 from jlora.models.loading import (
   CheckpointMismatchError,
   from_config,
@@ -30,7 +33,10 @@ from jlora.models.loading import (
 __all__ = [
   "CHECKPOINT_NAMES",
   "REMAT_POLICIES",
+  "CausalLM",
+  "causal_lm_loss",
   "chunked_cross_entropy",
+  "document_positions",
   "remat_policy",
   "CheckpointMismatchError",
   "KVCache",

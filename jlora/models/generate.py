@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora.models.llama import LlamaForCausalLM, init_cache
+from jlora.models.decoder import CausalLM, init_cache
 
 
 def sample_logits(
@@ -62,7 +62,7 @@ def sample_logits(
 
 
 def generate(
-  model: LlamaForCausalLM,
+  model: CausalLM,
   params: Any,
   input_ids: jax.Array,
   *,
@@ -177,6 +177,16 @@ def _generate(
   done = jnp.zeros((batch,), bool) if eos is None else token == eos
   next_pos = positions[:, -1] + 1
 
+  def advance(logits, state):
+    """The next token from the fed token's logits (B, V)."""
+    _, pos, cache, done, key = state
+    key, sub = jax.random.split(key)
+    new = pick(logits, sub)
+    if eos is not None:
+      new = jnp.where(done, pad, new)
+      done = done | (new == eos)
+    return (new, pos + 1, cache, done, key), new
+
   def step(state, _):
     token, pos, cache, done, key = state
     logits, cache = apply_fn(
@@ -186,14 +196,48 @@ def _generate(
       attention_mask=kv_mask,
       cache=cache,
     )
-    key, sub = jax.random.split(key)
-    new = pick(logits[:, -1], sub)
-    if eos is not None:
-      new = jnp.where(done, pad, new)
-      done = done | (new == eos)
-    return (new, pos + 1, cache, done, key), new
+    return advance(logits[:, -1], (token, pos, cache, done, key))
 
   state = (token, next_pos, cache, done, key)
-  _, rest = lax.scan(step, state, None, length=max_new_tokens - 1)
-  new_tokens = jnp.concatenate([token[:, None], rest.T], axis=1)
-  return jnp.concatenate([input_ids, new_tokens], axis=1)
+  pieces = [input_ids, token[:, None]]
+  left = max_new_tokens - 1
+  cross = _longrope_crossing(model.config, prompt_len, total)
+  if cross is not None:
+    # LongRoPE (Phi-3) switches from short to long factors once the sequence
+    # passes original_max_position_embeddings; as transformers' generate
+    # does, the cache is then rebuilt by one forward pass over the whole
+    # sequence with the long factors, so that every later token sees the
+    # same keys as a full forward pass would.
+    before = cross - prompt_len
+    state, out = lax.scan(step, state, None, length=before)
+    pieces.append(out.T)
+    seq = jnp.concatenate(pieces, axis=1)  # (B, cross + 1)
+    seq_pos = jnp.concatenate(
+      [positions, next_pos[:, None] + jnp.arange(before + 1)], axis=1
+    )
+    logits, cache = apply_fn(
+      variables,
+      seq,
+      positions=seq_pos,
+      attention_mask=kv_mask,
+      cache=init_cache(model, batch, total),
+    )
+    token, pos, _, done, key = state
+    state, new = advance(logits[:, -1], (token, pos, cache, done, key))
+    pieces.append(new[:, None])
+    left -= before + 1
+  _, rest = lax.scan(step, state, None, length=left)
+  pieces.append(rest.T)
+  return jnp.concatenate(pieces, axis=1)
+
+
+def _longrope_crossing(config, prompt_len: int, total: int) -> int | None:
+  """The slot whose token first makes a LongRoPE sequence longer than
+  original_max_position_embeddings, when decoding (not the prompt) gets
+  there; None otherwise."""
+  ropes = [r for r in (config.rope, config.local_rope)
+           if r is not None and r.rope_type == "longrope"]
+  if not ropes:
+    return None
+  cross = ropes[0].original_max_position_embeddings
+  return cross if prompt_len <= cross <= total - 2 else None

@@ -1,4 +1,4 @@
-"""`LlamaForCausalLM` models from HF safetensors checkpoints or from a config.
+"""`CausalLM` models from HF safetensors checkpoints or from a config.
 
 Tensors are streamed one at a time (one stacked parameter at a time with
 `scan_layers=True`), so host memory stays near one copy of the largest parameter
@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora.models.config import ModelConfig
-from jlora.models.llama import LlamaForCausalLM
+from jlora.models.decoder import CausalLM
 
 Params = dict[str, Any]
 ShardingSpec = (
@@ -66,8 +66,8 @@ def from_pretrained(
   mesh: Mesh | None = None,
   shardings: ShardingSpec = None,
   quantize: str | Callable[[str, Any], Any] | None = None,
-) -> tuple[LlamaForCausalLM, Params]:
-  """Loads a Llama/Mistral/Qwen2/Qwen3 causal LM from a HF checkpoint or hub id.
+) -> tuple[CausalLM, Params]:
+  """Loads a causal LM (any `SUPPORTED_MODEL_TYPES` family) from a HF checkpoint.
 
   Args:
     path_or_id: a local directory with config.json and model.safetensors (or a
@@ -76,7 +76,7 @@ def from_pretrained(
     dtype: computation dtype; default `param_dtype`.
     param_dtype: dtype of the returned parameters; default the checkpoint's
       (`config.dtype`), float32 when the config does not say.
-    scan_layers, remat, attention: see `LlamaForCausalLM`.
+    scan_layers, remat, attention: see `CausalLM`.
     mesh: place parameters with the default rule: every parameter of rank >= 2
       is sharded along its last (output) axis over `mesh.axis_names[0]` when
       that axis divides evenly, anything else is replicated.
@@ -116,7 +116,7 @@ def from_pretrained(
     _checkpoint_dtype(hf_config) if param_dtype is None else param_dtype
   )
   dtype = param_dtype if dtype is None else dtype
-  model = LlamaForCausalLM(
+  model = CausalLM(
     config, dtype, param_dtype, scan_layers, remat, attention
   )
   files = _weight_files(directory)
@@ -141,7 +141,7 @@ def from_pretrained(
 
 
 def from_state_dict(
-  model: LlamaForCausalLM,
+  model: CausalLM,
   state_dict: Mapping[str, Any],
   *,
   mesh: Mesh | None = None,
@@ -150,7 +150,7 @@ def from_state_dict(
   """Converts an in-memory HF state dict (torch tensors or arrays) to params.
 
   Example:
-    >>> model = LlamaForCausalLM(ModelConfig.from_hf(hf_model.config))
+    >>> model = CausalLM(ModelConfig.from_hf(hf_model.config))
     >>> params = from_state_dict(model, hf_model.state_dict())
   """
   return _assemble(
@@ -176,7 +176,7 @@ def from_config(
   mesh: Mesh | None = None,
   shardings: ShardingSpec = None,
   quantize: str | Callable[[str, Any], Any] | None = None,
-) -> tuple[LlamaForCausalLM, Params]:
+) -> tuple[CausalLM, Params]:
   """A random model: kernels ~ N(0, initializer_range^2), norms 1, biases 0.
 
   `hf_config` is a transformers config or a `ModelConfig`. Parameters are
@@ -191,7 +191,7 @@ def from_config(
     if isinstance(hf_config, ModelConfig)
     else ModelConfig.from_hf(hf_config)
   )
-  model = LlamaForCausalLM(
+  model = CausalLM(
     config, dtype, param_dtype, scan_layers, remat, attention
   )
   dummy = jnp.zeros((1, 1), jnp.int32)
@@ -287,7 +287,7 @@ def _to_numpy(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
-def _sources(path: str, model: LlamaForCausalLM) -> list[str]:
+def _sources(path: str, model: CausalLM) -> list[str]:
   """HF keys feeding the leaf at `path` (one per layer when scanned)."""
   parts = path.split("/")
   suffix = "bias" if parts[-1] == "bias" else "weight"
@@ -333,7 +333,7 @@ def _sharding_rule(mesh: Mesh | None, shardings: ShardingSpec):
 
 
 def _assemble(
-  model: LlamaForCausalLM,
+  model: CausalLM,
   *,
   keys: Iterator[str],
   shape_of: Callable[[str], tuple[int, ...]],
@@ -400,7 +400,7 @@ def _assemble(
   return traverse_util.unflatten_dict(params, sep="/")
 
 
-def _stacked(path: str, model: LlamaForCausalLM) -> bool:
+def _stacked(path: str, model: CausalLM) -> bool:
   return model.scan_layers and path.startswith("model/layers/")
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-__all__ = ["chunked_cross_entropy"]
+__all__ = ["causal_lm_loss", "chunked_cross_entropy"]
 
 
 def chunked_cross_entropy(
@@ -35,10 +35,13 @@ def chunked_cross_entropy(
   where: jax.Array | None = None,
   head_layout: str | None = None,
   reduction: str = "mean",
+  softcap: float | None = None,
 ) -> jax.Array:
   """Softmax cross-entropy of `hidden @ head` against integer `labels`.
 
-  With logits z = h @ W (float32 accumulation) for each token,
+  With logits z = h @ W (float32 accumulation) for each token, soft-capped to
+  z = c * tanh(z / c) when `softcap` = c is given (Gemma 2's
+  final_logit_softcapping),
 
     loss_t = logsumexp(z_t) - z_t[label_t],
 
@@ -65,6 +68,8 @@ def chunked_cross_entropy(
       tokens). A float mask weights tokens.
     head_layout: "kernel" or "embedding"; needed only when H == V.
     reduction: "mean" over counted tokens, or "sum".
+    softcap: the final logit soft-cap c, or None; `causal_lm_loss` passes the
+      model's own.
 
   Returns:
     float32 scalar loss.
@@ -114,8 +119,46 @@ def chunked_cross_entropy(
   denom = jnp.sum(w) if reduction == "mean" else jnp.float32(1.0)
   # Scale before the loop so that per-chunk gradients come out final.
   w = w / jnp.maximum(denom, jnp.finfo(jnp.float32).tiny)
-  loss = _ce(h, head, y, w, chunk, transpose)
-  return loss
+  if softcap is not None:
+    softcap = float(softcap)
+  return _ce(h, head, y, w, chunk, transpose, softcap)
+
+
+def causal_lm_loss(
+  config,
+  params,
+  hidden: jax.Array,
+  labels: jax.Array,
+  *,
+  where: jax.Array | None = None,
+  chunk_size: int = 1024,
+  reduction: str = "mean",
+) -> jax.Array:
+  """`chunked_cross_entropy` with the model's own head and final soft-cap.
+
+  Reads the head from `params` (`lm_head/kernel`, or the tied
+  `model/embed_tokens/embedding`) and the soft-cap from
+  `config.final_softcap`, so hidden states from `return_hidden=True` give the
+  loss of the model's own logits for every family.
+
+  Args:
+    config: the model's `ModelConfig` (`model.config`).
+    params: the model's parameters (combined, not factored: the head must be
+      an array).
+    hidden, labels, where, chunk_size, reduction: as `chunked_cross_entropy`.
+
+  Example:
+    >>> h = model.apply({"params": p}, x, return_hidden=True)
+    >>> loss = causal_lm_loss(model.config, p, h, y, where=loss_mask)
+  """
+  if config.tie_word_embeddings:
+    head, layout = params["model"]["embed_tokens"]["embedding"], "embedding"
+  else:
+    head, layout = params["lm_head"]["kernel"], "kernel"
+  return chunked_cross_entropy(
+    hidden, head, labels, chunk_size=chunk_size, where=where,
+    head_layout=layout, reduction=reduction, softcap=config.final_softcap,
+  )
 
 
 def _head_is_embedding(head, h_dim: int, layout: str | None) -> bool:
@@ -154,23 +197,27 @@ def _head_is_embedding(head, h_dim: int, layout: str | None) -> bool:
   )
 
 
-def _logits(h, head, transpose: bool):
-  """(c, H) @ head -> (c, V) float32 logits."""
+def _logits(h, head, transpose: bool, softcap=None):
+  """(c, H) @ head -> (c, V) float32 logits, and d capped / d raw (or None)."""
   dims = ((1,), (1,)) if transpose else ((1,), (0,))
-  return lax.dot_general(
+  z = lax.dot_general(
     h, head.astype(h.dtype), (dims, ((), ())),
     preferred_element_type=jnp.float32,
   )
+  if softcap is None:
+    return z, None
+  u = jnp.tanh(z / softcap)
+  return softcap * u, 1 - u * u
 
 
 def _chunks(x, chunk):
   return x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:])
 
 
-def _loss_only(h, head, y, w, chunk, transpose):
+def _loss_only(h, head, y, w, chunk, transpose, softcap):
   def body(total, xs):
     h_c, y_c, w_c = xs
-    z = _logits(h_c, head, transpose)
+    z, _ = _logits(h_c, head, transpose, softcap)
     lse = jax.nn.logsumexp(z, axis=-1)
     picked = jnp.take_along_axis(z, y_c[:, None], axis=-1)[:, 0]
     return total + jnp.sum((lse - picked) * w_c), None
@@ -182,12 +229,12 @@ def _loss_only(h, head, y, w, chunk, transpose):
   return total
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _ce(h, head, y, w, chunk, transpose):
-  return _loss_only(h, head, y, w, chunk, transpose)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ce(h, head, y, w, chunk, transpose, softcap):
+  return _loss_only(h, head, y, w, chunk, transpose, softcap)
 
 
-def _ce_fwd(h, head, y, w, chunk, transpose):
+def _ce_fwd(h, head, y, w, chunk, transpose, softcap):
   # symbolic_zeros: each argument arrives as CustomVJPPrimal(value, perturbed),
   # so the head gradient (an (H, V) float32 accumulator and one more matmul per
   # chunk) is formed only when the head is being trained.
@@ -198,14 +245,17 @@ def _ce_fwd(h, head, y, w, chunk, transpose):
   def body(carry, xs):
     total, dw = carry
     h_c, y_c, w_c = xs
-    z = _logits(h_c, head_c, transpose)
+    z, dcap = _logits(h_c, head_c, transpose, softcap)
     lse = jax.nn.logsumexp(z, axis=-1)
     picked = jnp.take_along_axis(z, y_c[:, None], axis=-1)[:, 0]
     total = total + jnp.sum((lse - picked) * w_c)
-    # d loss / d z = w_t (softmax(z_t) - onehot(label_t)), in the operands'
-    # dtype for the gradient matmuls (float32 accumulation).
+    # d loss / d z = w_t (softmax(z_t) - onehot(label_t)) (times the cap's
+    # derivative 1 - tanh^2), in the operands' dtype for the gradient matmuls
+    # (float32 accumulation).
     onehot = y_c[:, None] == lax.broadcasted_iota(jnp.int32, z.shape, 1)
     dz = (jnp.exp(z - lse[:, None]) - onehot) * w_c[:, None]
+    if dcap is not None:
+      dz = dz * dcap
     dz = dz.astype(h.dtype)
     dh = None
     if want_dh:
@@ -233,8 +283,8 @@ def _ce_fwd(h, head, y, w, chunk, transpose):
   return total, (dh, dw)
 
 
-def _ce_bwd(chunk, transpose, res, g):
-  del chunk, transpose
+def _ce_bwd(chunk, transpose, softcap, res, g):
+  del chunk, transpose, softcap
   dh, dw = res
   if isinstance(g, SymbolicZero):
     return None, None, None, None
