@@ -19,6 +19,7 @@ from jlora.models.llama import (
   remat_policy,
 )
 from jlora.models.losses import chunked_cross_entropy
+from jlora.models.export import save_pretrained, to_hf_config
 from jlora.models.loading import (
   CheckpointMismatchError,
   from_config,
