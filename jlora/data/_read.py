@@ -14,7 +14,7 @@ from typing import Any
 
 from jlora.data._errors import DataError
 
-SUFFIXES = (".jsonl", ".json", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 
 
 def describe(source: Any) -> str:
@@ -22,7 +22,9 @@ def describe(source: Any) -> str:
   if isinstance(source, (str, os.PathLike)):
     return os.fspath(source)
   if isinstance(source, (list, tuple)):
-    return f"<list of {len(source)} records>"
+    return "<records>"
+  if hasattr(source, "column_names"):
+    return "<datasets.Dataset>"
   return f"<{type(source).__name__}>"
 
 
@@ -60,10 +62,14 @@ def records(source: Any) -> Iterator[tuple[str, int, str, Any]]:
       yield from _json(path)
     elif path.endswith(".parquet"):
       yield from _parquet(path)
+    elif path.endswith(".txt"):
+      with open(path, encoding="utf-8") as f:  # one document
+        yield path, 1, "line", {"text": f.read()}
     else:
       raise DataError(
           path, None, "unknown file type; use .jsonl (one JSON object per"
-          " line), .json (a JSON array of objects) or .parquet")
+          " line), .json (a JSON array of objects), .parquet or .txt (one"
+          " text)")
   elif isinstance(source, (list, tuple)):
     for i, r in enumerate(source):
       yield "<records>", i + 1, "row", r

@@ -1,7 +1,7 @@
 """Batches of packed rows through a grain pipeline.
 
-`train_batches` is a `grain.MapDataset`: random access, deterministic for a
-seed, each epoch reshuffled, and its iterator's state (`it.get_state()`, a
+`train_batches` is a `grain` dataset: deterministic for a seed, each epoch
+reshuffled, read ahead by a few threads, and its iterator's state (`it.get_state()`, a
 small JSON-able dict) restores the exact position, so a resumed run sees the
 batches it would have seen. With several processes each reads its own slice
 of every global batch.
@@ -24,8 +24,9 @@ from jlora.data.packing import Rows
 
 def train_batches(rows: Rows, batch_size: int, *, seed: int = 0,
                   shuffle: bool = True, shard_index: int = 0,
-                  shard_count: int = 1) -> grain.MapDataset:
-  """An endless `grain.MapDataset` of training batches.
+                  shard_count: int = 1, threads: int = 2,
+                  prefetch: int = 16) -> grain.IterDataset:
+  """An endless `grain.IterDataset` of training batches.
 
   Args:
     rows: packed (or padded) rows, `jlora.data.pack(...)`.
@@ -35,9 +36,11 @@ def train_batches(rows: Rows, batch_size: int, *, seed: int = 0,
     shuffle: shuffle rows; False reads them in order, epoch after epoch.
     shard_index, shard_count: this process's slice of every global batch
       (`jax.process_index()`, `jax.process_count()`).
+    threads, prefetch: grain's reader threads and how many batches they keep
+      ready ahead of the training loop.
 
   Returns:
-    a MapDataset whose element k is global batch k's local part: a dict of
+    an IterDataset whose element k is global batch k's local part: a dict of
     (batch_size // shard_count, seq_len) arrays (see `jlora.data.packing`).
   """
   if len(rows) == 0:
@@ -52,7 +55,11 @@ def train_batches(rows: Rows, batch_size: int, *, seed: int = 0,
   ds = ds.repeat(None)
   if shard_count > 1:
     ds = ds[shard_index::shard_count]
-  return ds.batch(batch_size // shard_count, drop_remainder=True)
+  ds = ds.batch(batch_size // shard_count, drop_remainder=True)
+  # grain's default (16 threads, 500 elements ahead) is sized for heavy
+  # per-example work; building a row is light.
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                              prefetch_buffer_size=prefetch))
 
 
 def eval_batches(rows: Rows, batch_size: int, *, max_batches: int | None = None,
