@@ -15,6 +15,7 @@ from jlora.models.llama import (
   REMAT_POLICIES,
   KVCache,
   LlamaForCausalLM,
+  document_positions,
   init_cache,
   remat_policy,
 )
@@ -32,6 +33,7 @@ __all__ = [
   "CHECKPOINT_NAMES",
   "REMAT_POLICIES",
   "chunked_cross_entropy",
+  "document_positions",
   "remat_policy",
   "CheckpointMismatchError",
   "KVCache",

@@ -375,9 +375,10 @@ class DecoderLayer(nn.Module):
   """Pre-norm decoder block, in the (carry, xs) form `nn.scan` expects.
 
   carry = (hidden (B,T,H), KVCache or None); xs = (window, layer_idx) int32
-  scalars; q_slots (T,) and kv_valid (B,S) are shared by all layers.
-  kv_valid None means plain causal attention (no padding, no cache) with every
-  layer's window equal to the config's first (static), so no mask is built.
+  scalars; q_slots (T,), kv_valid (B,S) and segment_ids (B,T) or None are
+  shared by all layers. kv_valid None means plain causal attention (no
+  padding, no cache, no packing) with every layer's window equal to the
+  config's first (static), so no mask is built.
   """
 
   config: ModelConfig
@@ -386,7 +387,7 @@ class DecoderLayer(nn.Module):
   attention: str = "xla"
 
   @nn.compact
-  def __call__(self, carry, xs, cos, sin, q_slots, kv_valid):
+  def __call__(self, carry, xs, cos, sin, q_slots, kv_valid, segment_ids):
     c = self.config
     h, cache = carry
     window, layer_idx = xs
@@ -394,11 +395,7 @@ class DecoderLayer(nn.Module):
     if kv_valid is None:
       mask, static_window = None, c.sliding_windows[0]
     else:
-      kv_slots = jnp.arange(kv_valid.shape[1])
-      # (T, S); transformers masks by slot (cache position), not rope position.
-      dist = q_slots[:, None] - kv_slots[None, :]
-      mask = (dist >= 0) & (dist < window)
-      mask = mask[None] & kv_valid[:, None, :]
+      mask = attention_mask(q_slots, kv_valid, window, segment_ids)
     norm = functools.partial(
       RMSNorm, c.rms_norm_eps, self.dtype, self.param_dtype
     )
@@ -427,11 +424,11 @@ class _LayerStack(nn.Module):
   num_layers: int
 
   @nn.compact
-  def __call__(self, carry, xs, cos, sin, q_slots, kv_valid):
+  def __call__(self, carry, xs, cos, sin, q_slots, kv_valid, segment_ids):
     windows, idxs = xs
     for i in range(self.num_layers):
       carry, _ = self.layer(name=str(i))(
-        carry, (windows[i], idxs[i]), cos, sin, q_slots, kv_valid
+        carry, (windows[i], idxs[i]), cos, sin, q_slots, kv_valid, segment_ids
       )
     return carry, None
 
@@ -543,7 +540,7 @@ class LlamaModel(nn.Module):
         layer_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0,) + (nn.broadcast,) * 5,
         length=c.num_layers,
       )(c, self.dtype, self.param_dtype, self.attention)
     else:
@@ -554,7 +551,12 @@ class LlamaModel(nn.Module):
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
 
   def __call__(
-    self, input_ids, positions=None, attention_mask=None, cache=None
+    self,
+    input_ids,
+    positions=None,
+    attention_mask=None,
+    cache=None,
+    segment_ids=None,
   ):
     c = self.config
     b, t = input_ids.shape
@@ -564,6 +566,16 @@ class LlamaModel(nn.Module):
     else:
       index = cache.index
       num_slots = cache.k.shape[2]
+    if segment_ids is not None:
+      segment_ids = _check_segments(segment_ids, (b, t), cache)
+      if positions is None:
+        positions = document_positions(segment_ids)
+      seg_valid = segment_ids != 0
+      attention_mask = (
+        seg_valid
+        if attention_mask is None
+        else seg_valid & attention_mask.astype(bool)
+      )
     if attention_mask is None and cache is None and _one_window(c):
       # Causal attention over this call's tokens alone: no mask to build, and
       # cuDNN gets is_causal=True.
@@ -593,7 +605,7 @@ class LlamaModel(nn.Module):
     h = self.embed_tokens(input_ids)
     carry = (h, None if cache is None else (cache.k, cache.v, index))
     (h, layer_cache), _ = self.layers(
-      carry, (windows, idxs), cos, sin, q_slots, kv_valid
+      carry, (windows, idxs), cos, sin, q_slots, kv_valid, segment_ids
     )
     h = self.norm(h)
     if cache is not None:
@@ -603,6 +615,60 @@ class LlamaModel(nn.Module):
   def attend(self, h):
     """Logits against the input embedding (tied weights): h @ embedding.T."""
     return self.embed_tokens.attend(h)
+
+
+def attention_mask(q_slots, kv_valid, window, segment_ids=None):
+  """(B, T, S) bool: which key slots each query may attend to.
+
+  Query slot t sees key slot s when 0 <= t - s < window (causal, sliding;
+  transformers masks by slot, not by rope position), s is a real token
+  (`kv_valid` (B, S)), and, for packed rows, both belong to the same document:
+  segment_ids (B, T) with T == S, 0 marking padding, which sees nothing.
+  """
+  kv_slots = jnp.arange(kv_valid.shape[1])
+  dist = q_slots[:, None] - kv_slots[None, :]
+  mask = ((dist >= 0) & (dist < window))[None] & kv_valid[:, None, :]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return mask
+
+
+def document_positions(segment_ids: jax.Array) -> jax.Array:
+  """(B, T) int32 rope positions restarting at 0 where a document starts.
+
+  A document is a run of equal `segment_ids` along a row; e.g. segment ids
+  [1, 1, 1, 2, 2, 0] give positions [0, 1, 2, 0, 1, 0].
+  """
+  t = segment_ids.shape[1]
+  slots = jnp.arange(t, dtype=jnp.int32)
+  starts = jnp.concatenate(
+    [
+      jnp.ones_like(segment_ids[:, :1], bool),
+      segment_ids[:, 1:] != segment_ids[:, :-1],
+    ],
+    axis=1,
+  )
+  first = lax.cummax(jnp.where(starts, slots, 0), axis=1)
+  return slots - first
+
+
+def _check_segments(segment_ids, shape, cache):
+  if cache is not None:
+    raise ValueError(
+      "segment_ids (packed documents) cannot be combined with a KV cache; "
+      "generate each document in its own row (attention_mask for padding)"
+    )
+  if tuple(segment_ids.shape) != tuple(shape):
+    raise ValueError(
+      f"segment_ids has shape {tuple(segment_ids.shape)}, expected the "
+      f"input_ids' {tuple(shape)}: one document id per token (0 = padding)"
+    )
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise TypeError(
+      f"segment_ids must be integers (0 = padding, 1, 2, ... documents), got "
+      f"dtype {segment_ids.dtype}"
+    )
+  return segment_ids.astype(jnp.int32)
 
 
 def _one_window(config: ModelConfig) -> bool:
@@ -653,9 +719,13 @@ class LlamaForCausalLM(nn.Module):
       See `benchmarks/RESULTS.md` for their memory and speed at 1B and 8B.
     attention: "xla" (explicit float32 softmax; any backend), "cudnn" (fused
       cuDNN kernel; GPU, bf16/fp16 only) or "auto"
-      (`jax.nn.dot_product_attention`'s own choice). Without padding mask or
-      cache (training on packed or full-length batches), cuDNN and "auto" get
-      `is_causal=True` instead of an explicit mask.
+      (`jax.nn.dot_product_attention`'s own choice). Without padding mask,
+      segment ids or cache (training on full-length rows), cuDNN and "auto"
+      get `is_causal=True` instead of an explicit mask. Otherwise (padding,
+      packed documents, decoding) they get the (B, 1, T, S) mask, which
+      `jax.nn.dot_product_attention` hands to cuDNN as an additive bias: exact,
+      but the kernel reads the bias instead of skipping masked blocks. (cuDNN's
+      own packed layout, q/kv offsets, is not public API in jax 0.10/0.11.)
     offload: names from `CHECKPOINT_NAMES` to keep in pinned host memory
       instead of recomputing them (needs a named `remat`, not "none"/"dots";
       pays only where host transfers hide behind compute, which they did not
@@ -669,6 +739,13 @@ class LlamaForCausalLM(nn.Module):
       slots (cache positions), as in transformers.
     cache: a `KVCache` from `init_cache`; this call's keys/values are written
       at `cache.index` (the caller keeps index + T <= max_length).
+    segment_ids: (B, T) int documents packed in each row: 0 = padding, 1, 2,
+      ... one id per document, each document a contiguous run. A token
+      attends only to earlier tokens of its own document (on every attention
+      path: the mask goes to cuDNN as a bias, see `attention`); padding
+      attends to nothing and its outputs are meaningless (mask them out of the
+      loss). `positions` default to restarting at 0 per document
+      (`document_positions`). Not with a cache.
     return_hidden: return the final hidden states (B, T, hidden) in `dtype`
       (after the final norm) instead of logits, for a loss that applies the
       head itself, such as `jlora.models.losses.chunked_cross_entropy`.
@@ -721,8 +798,11 @@ class LlamaForCausalLM(nn.Module):
     attention_mask=None,
     cache=None,
     return_hidden: bool = False,
+    segment_ids=None,
   ):
-    h, new_cache = self.model(input_ids, positions, attention_mask, cache)
+    h, new_cache = self.model(
+      input_ids, positions, attention_mask, cache, segment_ids
+    )
     if return_hidden:
       if self.is_initializing():
         self.logits(h)  # create the head's parameters all the same
