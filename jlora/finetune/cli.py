@@ -366,8 +366,13 @@ def _sample(model, lp, forward, tokenizer, heldout, new_tokens, key) -> None:
 
 
 def run() -> None:
-  """The console script's entry point."""
-  main()
+  """The console script's entry point: bad data or a missing file ends the
+  command with its message (file and line), not a traceback."""
+  try:
+    main()
+  except (jlora.data.DataError, jlora.data.TemplateError,
+          FileNotFoundError) as e:
+    raise SystemExit(f"jlora-finetune: error: {e}") from None
 
 
 if __name__ == "__main__":
