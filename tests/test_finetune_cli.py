@@ -120,3 +120,48 @@ def test_console_script_is_registered():
     scripts = tomllib.load(f)["project"]["scripts"]
   module, _, name = scripts["jlora-finetune"].partition(":")
   assert module == "jlora.finetune.cli" and getattr(cli, name) is cli.run
+
+
+def test_hf_checkpoint_with_its_tokenizer_qlora_and_merged_export(tmp_path):
+  """The real-use path: --model DIR (transformers checkpoint + BPE tokenizer
+  with a chat template), QLoRA, prompt/completion data, --merged."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from tokenizers import Tokenizer, decoders, models as tok_models
+  from tokenizers import pre_tokenizers, trainers
+  t = Tokenizer(tok_models.BPE(unk_token=None))
+  t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  t.decoder = decoders.ByteLevel()
+  t.train([jlora.data.demo_path("prompt_completion")], trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["</s>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=t,
+                                             eos_token="</s>")
+  ckpt = tmp_path / "ckpt"
+  tok.save_pretrained(ckpt)
+  torch.manual_seed(0)
+  hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+      vocab_size=448, hidden_size=32, intermediate_size=64,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+  hf.save_pretrained(ckpt)
+  out = tmp_path / "run"
+  metrics = cli.main([*TINY, "--model", str(ckpt), "--data",
+                      jlora.data.demo_path("prompt_completion"), "--steps",
+                      "4", "--eval-every", "4", "--sample-tokens", "2",
+                      "--quantize", "nf4", "--lr", "1e-2", "--merged",
+                      "--out", str(out)])
+  assert metrics["targets"] == "all-linear" and metrics["model"] == str(ckpt)
+  # The merged model is the dequantized base (the values the QLoRA forward
+  # computes with) plus the trained adapter, merged in float32.
+  model, qparams = models.from_pretrained(ckpt, quantize="nf4")
+  lp = jlora.peft.load(out / "adapter_peft", qparams)
+  f32 = jax.tree.map(lambda x: x.astype(jnp.float32), jlora.dequantize(lp))
+  ids = jnp.asarray(np.arange(30)[None] % 448)
+  want = np.asarray(jax.jit(model.apply)({"params": jlora.merge(f32)}, ids))
+  merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
+  with torch.no_grad():
+    got = merged.eval()(torch.tensor(np.asarray(ids))).logits.float().numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  # ... which the QLoRA forward (bf16 matmuls against the 4-bit base) tracks.
+  qlora = jax.jit(jlora.wrap(model.apply))({"params": lp}, ids)
+  np.testing.assert_allclose(got, np.asarray(qlora), atol=5e-3, rtol=0)

@@ -118,10 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   g.add_argument("--lr", type=float, default=None,
                  help="peak learning rate; default 3e-3 for the demo model,"
                       " 2e-4 with --model")
-  g.add_argument("--steps", type=int, default=500)
+  g.add_argument("--steps", type=int, default=200)
   g.add_argument("--batch", type=int, default=16, help="rows per step")
   g.add_argument("--seed", type=int, default=0)
-  g.add_argument("--eval-every", type=int, default=100)
+  g.add_argument("--eval-every", type=int, default=50)
   g.add_argument("--eval-batches", type=int, default=8)
   g.add_argument("--save-every", type=int, default=None,
                  help="checkpoint interval; default --eval-every")
@@ -360,9 +360,15 @@ def _sample(model, lp, forward, tokenizer, heldout, new_tokens, key) -> None:
   out = models.generate(model, lp, jnp.asarray(prompt),
                         max_new_tokens=new_tokens, key=key, temperature=0.7,
                         top_k=40, apply_fn=forward)
+  new = np.asarray(out[0, cut:])
+  # Stop at the first special token (end of text, end of turn), included.
+  special = set(getattr(tokenizer, "all_special_ids", ())) | set(
+      getattr(tokenizer, "added_tokens_decoder", {}))
+  ends = [k for k, t in enumerate(new.tolist()) if t in special]
+  if ends:
+    new = new[:ends[0] + 1]
   print("--- sample (prompt | continuation) ---")
-  print(tokenizer.decode(prompt[0]) + " | " +
-        tokenizer.decode(np.asarray(out[0, cut:])))
+  print(tokenizer.decode(prompt[0]) + " | " + tokenizer.decode(new))
 
 
 def run() -> None:

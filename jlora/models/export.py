@@ -17,16 +17,20 @@ first.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (bfloat16 for NumPy and safetensors)
 import numpy as np
 
 from jlora.models.config import ModelConfig
+from jlora.node import is_lora
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -44,8 +48,10 @@ def save_pretrained(directory: str | os.PathLike, model: Any, params: Any, *,
     params: the model's params: plain, a LoRA tree (`jlora.apply` output or
       `jlora.combine(trainable, frozen)`: merged with `jlora.merge`), or with
       quantized kernels (dequantized). Scanned or unscanned layers.
-    dtype: the tensors' dtype on disk (e.g. jnp.bfloat16); default each
-      parameter's own (the base's dtype after merging).
+    dtype: the tensors' dtype on disk (e.g. jnp.bfloat16); default the
+      model's `param_dtype` (each parameter's own dtype given a
+      `ModelConfig`). Kernels are merged in at least float32 and rounded
+      once.
     tokenizer: optionally saved alongside (`tokenizer.save_pretrained`), so
       the directory serves on its own.
     max_shard_size: bytes per safetensors file before a new shard starts.
@@ -65,25 +71,35 @@ def save_pretrained(directory: str | os.PathLike, model: Any, params: Any, *,
   """
   from safetensors.numpy import save_file
 
-  from jlora.merge import merge
   from jlora.quant import dequantize
 
   config = model if isinstance(model, ModelConfig) else model.config
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
   hf_config = to_hf_config(config)
-  # A quantized base is dequantized (in its compute dtype), then merged.
-  params = merge(dequantize(params))
-  flat = _flatten(params)
-  first = next(iter(flat.values()))
-  on_disk = np.dtype(dtype) if dtype is not None else np.dtype(first.dtype)
-  hf_config["dtype"] = on_disk.name
+  target = dtype if dtype is not None else getattr(model, "param_dtype", None)
+
+  def prepare(leaf):
+    """One parameter as written: a quantized base dequantized to the values
+    the model computes with, cast to the target dtype *before* merging (a
+    float32 export of a bf16-dequantized base keeps the update unrounded),
+    then merged. One leaf at a time: device memory holds one fused kernel."""
+    leaf = dequantize(leaf)
+    if target is not None:
+      cast = lambda x: x.astype(target) if jnp.issubdtype(
+          x.dtype, jnp.floating) else x
+      leaf = dataclasses.replace(leaf, w=cast(leaf.w)) if is_lora(
+          leaf) else cast(leaf)
+    return leaf.materialize() if is_lora(leaf) else leaf
+
+  flat = {path: functools.partial(prepare, leaf)
+          for path, leaf in _flatten(params).items()}
 
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for name, tensor in _hf_tensors(flat, config):
-    tensor = np.ascontiguousarray(
-        tensor.astype(dtype if dtype is not None else tensor.dtype))
+    tensor = np.ascontiguousarray(tensor)
+    hf_config.setdefault("dtype", tensor.dtype.name)
     if shards[-1] and size + tensor.nbytes > max_shard_size:
       shards.append({})
       size = 0
@@ -199,12 +215,13 @@ def _flatten(params: Any) -> dict[str, Any]:
 
   if isinstance(params, dict) and set(params) == {"params"}:
     params = params["params"]
-  return traverse_util.flatten_dict(params, sep="/")
+  return traverse_util.flatten_dict(params, sep="/")  # LoRA nodes are leaves
 
 
 def _hf_tensors(flat: dict[str, Any], config: ModelConfig
                 ) -> Iterator[tuple[str, np.ndarray]]:
-  """(transformers name, host array) per tensor, one layer at a time."""
+  """(transformers name, host array) per tensor; `flat` maps paths to
+  functions giving the parameter."""
   for path, leaf in flat.items():
     parts = path.split("/")
     kind = parts[-1]
@@ -214,7 +231,7 @@ def _hf_tensors(flat: dict[str, Any], config: ModelConfig
     suffix = "bias" if kind == "bias" else "weight"
     stacked = (parts[:2] == ["model", "layers"] and len(parts) > 2
                and not parts[2].isdigit())
-    x = np.asarray(jax.device_get(leaf))
+    x = np.asarray(jax.device_get(leaf()))
     if stacked:
       if x.shape[0] != config.num_layers:
         raise ValueError(f"{path!r} stacks {x.shape[0]} layers, the config"
