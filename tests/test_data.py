@@ -293,3 +293,13 @@ def test_shipped_demo_data_is_the_generators_output(tok):
   for ds in (chats, pc):
     per = np.add.reduceat(ds.mask, ds.offsets[:-1])
     assert per.min() > 0 and ds.mask.mean() < 0.5
+
+
+def test_import_jlora_does_not_load_the_data_stack():
+  import subprocess
+  import sys
+  code = ("import sys, jlora; bad = [m for m in ('jlora.data', 'grain',"
+          " 'transformers', 'torch', 'jlora.finetune') if m in sys.modules];"
+          " assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True,
+                 env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))

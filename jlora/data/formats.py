@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from jlora.data._errors import DataError, TemplateError
+from jlora.data._errors import TemplateError
 
 FORMATS = ("text", "prompt_completion", "messages")
 _FIELDS = {"text": ("text",), "prompt_completion": ("prompt", "completion"),
@@ -34,8 +34,9 @@ _EXAMPLES = {"text": '{"text": "..."}',
                          ' {"role": "assistant", "content": "..."}]}'}
 
 
-class _Bad(Exception):
-  """One example is invalid; `load` adds the file and line."""
+class _Bad(ValueError):
+  """One example is invalid; `load` turns it into a `DataError` with the file
+  and line."""
 
 
 def detect_format(record: Any) -> str:
@@ -76,8 +77,10 @@ def encode(record: Any, fmt: str, tokenizer: Any, *,
       turns, template headers) instead of completions / assistant turns only.
 
   Raises:
-    _Bad: the example is invalid (missing or empty field, no assistant turn);
-      `jlora.data.load` turns it into a `DataError` naming file and line.
+    ValueError: the example is invalid (missing or empty field, no assistant
+      turn); `jlora.data.load` raises it as a `DataError` naming file and
+      line.
+    TemplateError: the chat template rewrites earlier turns.
   """
   if not isinstance(record, dict):
     raise _Bad(f"an example must be a JSON object, got {type(record).__name__}"
