@@ -23,13 +23,19 @@ TINY = ["--seq-len", "96", "--batch", "4", "--eval-batches", "1",
         "--rank", "4", "--cache-dir", "none"]
 
 
-def test_demo_run_writes_adapters_that_peft_and_transformers_load(tmp_path):
+def test_demo_run_writes_adapters_that_peft_and_transformers_load(
+    tmp_path, monkeypatch):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   peft = pytest.importorskip("peft")
   out = tmp_path / "run"
+  steps, make_steps = [], cli._steps.make_steps
+  monkeypatch.setattr(cli._steps, "make_steps", lambda *a, **k: (
+      steps.append(make_steps(*a, **k)) or steps[-1]))
   metrics = cli.main([*TINY, "--steps", "30", "--eval-every", "15",
                       "--sample-tokens", "4", "--merged", "--out", str(out)])
+  # Static batch shapes: 30 steps and 3 evaluations compiled once each.
+  assert steps[0][0]._cache_size() == 1 and steps[0][1]._cache_size() == 1
   assert metrics["loss_after"] < metrics["loss_before"] - 1.0, metrics
   assert metrics["packing"] and metrics["fill"] > 0.5
   assert [s for s, _ in metrics["evals"]] == [0, 15, 30]

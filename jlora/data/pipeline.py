@@ -1,7 +1,7 @@
 """Batches of packed rows through a grain pipeline.
 
 `train_batches` is a `grain` dataset: deterministic for a seed, each epoch
-reshuffled, read ahead by a few threads, and its iterator's state (`it.get_state()`, a
+reshuffled, read ahead by a thread, and its iterator's state (`it.get_state()`, a
 small JSON-able dict) restores the exact position, so a resumed run sees the
 batches it would have seen. With several processes each reads its own slice
 of every global batch.
@@ -24,7 +24,7 @@ from jlora.data.packing import Rows
 
 def train_batches(rows: Rows, batch_size: int, *, seed: int = 0,
                   shuffle: bool = True, shard_index: int = 0,
-                  shard_count: int = 1, threads: int = 2,
+                  shard_count: int = 1, threads: int = 1,
                   prefetch: int = 16) -> grain.IterDataset:
   """An endless `grain.IterDataset` of training batches.
 
