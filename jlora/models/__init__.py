@@ -22,6 +22,7 @@ from jlora.models.decoder import (
   remat_policy,
 )
 from jlora.models.losses import causal_lm_loss, chunked_cross_entropy
+from jlora.models.export import save_pretrained, to_hf_config
 from jlora.models.loading import (
   CheckpointMismatchError,
   from_config,
