@@ -99,9 +99,10 @@ def _head(params: Any, config) -> tuple[jax.Array, str]:
   return jlora.merge(leaf), layout
 
 
-def make_steps(model, tx, *, ce_chunk: int = 0, dropout: bool = False,
+def make_steps(model, tx, *, ce_chunk: int = 0, dropout_key=None,
                out_shardings=None):
-  """Jitted `train_step(trainable, frozen, opt_state, batch, key)` and
+  """Jitted `train_step(trainable, frozen, opt_state, batch, step)` (adapter
+  dropout keyed by `fold_in(dropout_key, step)` when a key is given) and
   `eval_step(trainable, frozen, batch) -> (loss sum, token count)`, and the
   LoRA-aware forward."""
   forward = jlora.wrap(model.apply)
@@ -109,7 +110,7 @@ def make_steps(model, tx, *, ce_chunk: int = 0, dropout: bool = False,
   def token_losses(trainable, frozen, batch, key):
     params = jlora.combine(trainable, frozen)
     kw = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
-    if dropout and key is not None:
+    if key is not None:
       kw["lora_rng"] = key
     if ce_chunk:
       h = forward({"params": params}, batch["input_ids"], return_hidden=True,
@@ -123,7 +124,11 @@ def make_steps(model, tx, *, ce_chunk: int = 0, dropout: bool = False,
 
   @functools.partial(jax.jit, donate_argnums=(0, 2),
                      out_shardings=out_shardings)
-  def train_step(trainable, frozen, opt_state, batch, key):
+  def train_step(trainable, frozen, opt_state, batch, step):
+    # The key is made inside the step: a key computed outside on one device
+    # would be one more transfer racing the step's collectives.
+    key = (None if dropout_key is None else
+           jax.random.fold_in(dropout_key, step))
     loss, grads = jax.value_and_grad(token_losses)(trainable, frozen, batch,
                                                    key)
     updates, opt_state = tx.update(grads, opt_state, trainable)

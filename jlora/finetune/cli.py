@@ -225,7 +225,8 @@ def main(argv=None) -> dict:
     opt_state, opt_sharding = _steps.on_mesh(opt_state, mesh)
     out_shardings = (train_sharding, opt_sharding, NamedSharding(mesh, P()))
   train_step, eval_step, forward = _steps.make_steps(
-      model, tx, ce_chunk=args.ce_chunk, dropout=args.dropout > 0,
+      model, tx, ce_chunk=args.ce_chunk,
+      dropout_key=key_dropout if args.dropout > 0 else None,
       out_shardings=out_shardings)
 
   batch_sharding = (None if mesh is None else NamedSharding(
@@ -281,9 +282,8 @@ def main(argv=None) -> dict:
   for step in bar:
     batch, batch_state = pending_dev, pending_state
     tokens = int((pending["segment_ids"] > 0).sum()) * shard[1]
-    trainable, opt_state, loss = train_step(
-        trainable, frozen, opt_state, batch,
-        jax.random.fold_in(key_dropout, step))
+    trainable, opt_state, loss = train_step(trainable, frozen, opt_state,
+                                            batch, step)
     if step < args.steps:
       pending = next(data_iter)
       pending_state = data_iter.get_state()
@@ -307,7 +307,14 @@ def main(argv=None) -> dict:
     if step % save_every == 0 or step == args.steps:
       losses += [float(x) for x in jax.device_get(step_losses)]
       step_losses = []
-      ckpt.save(step, trainable=trainable, opt_state=opt_state,
+      state = (trainable, opt_state)
+      if mesh is not None and jax.default_backend() == "cpu" and shard[1] == 1:
+        # XLA:CPU runs independent programs concurrently on a thread pool;
+        # the checkpoint's per-array checksum programs, each with collectives
+        # over simulated devices, can then starve each other's rendezvous.
+        # Saving host copies keeps them single-device.
+        state = jax.device_get(state)
+      ckpt.save(step, trainable=state[0], opt_state=state[1],
                 extra={"data": batch_state, "losses": losses,
                        "evals": [list(e) for e in evals]}, force=True)
   bar.close()
