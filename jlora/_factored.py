@@ -430,8 +430,10 @@ class Factored:
     kept = [k for k in range(len(self.roles)) if k not in kc and k not in kb]
     # A stacked axis the product keeps (gemma's heads read as 'bio') would
     # silently be one adapter per head: it is an output axis.
+    kept_stacked = [k for k in kept
+                    if self.roles[k] == "b" and self.w.shape[k] != 1]
     if set(kc) == inputs and not any(self.roles[k] == "o" for k in kb) and (
-        not any(self.roles[k] == "b" for k in kept)):
+        not kept_stacked):
       return True
     # Name the layout that would fit, in the kernel's original axis order:
     # a stacked axis this view no longer has (scanned over) stays stacked.

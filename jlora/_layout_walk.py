@@ -16,7 +16,11 @@ import math
 from typing import Any, NamedTuple
 
 from jax.extend import core as jex_core
-from jax.extend import source_info_util
+
+try:  # source lines only make error messages better
+  from jax.extend import source_info_util
+except ImportError:  # pragma: no cover
+  source_info_util = None
 
 from jlora._factored import _reshape_groups
 from jlora._interpreter import _closed, _scan_layout
@@ -271,5 +275,5 @@ def _orig(view: View, axes) -> list[int]:
 def _where(eqn) -> str:
   try:
     return source_info_util.summarize(eqn.source_info)
-  except Exception:  # source info is best effort, never a reason to fail
-    return "<unknown>"
+  except Exception:  # best effort: never a reason to fail
+    return "an unknown line"

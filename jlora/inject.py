@@ -105,15 +105,19 @@ def apply(params: Any, rank: int, *, alpha: float | None = None,
       (scale 1).
     targets: regex searched in each '/'-joined path, a list of them, a
       callable ``(path, leaf) -> bool`` or ``"all-linear"`` (the default:
-      every ``kernel`` with ndim >= 2 except an output head).
+      every ``kernel`` with ndim >= 2 except an output head; with a
+      `Layouts` from `jlora.infer_layout`, every matmul weight it found
+      except heads and embeddings, and explicit targets pick among those).
     exclude: same forms; removes paths from the targets.
     key: PRNG key for the random init of ``a`` (required).
     dtype: adapter dtype; default float32 (float64 for a float64 base).
     layout: ``{regex: roles}`` with one letter per kernel axis: 'b' a stacked
       axis (one adapter per index), 'i' an input (contracted) axis, 'o' an
-      output axis. Default: leading axes 'b', then 'io', e.g. 'bio' for a
+      output axis; a key equal to the path wins, else the first regex found
+      in it. Default: leading axes 'b', then 'io', e.g. 'bio' for a
       scanned (layers, in, out) kernel. A DenseGeneral kernel (in, heads,
       head_dim) is 'ioo'; an output projection (heads, head_dim, out) 'iio'.
+      ``jlora.infer_layout(fn, params, *args)`` reads them off the model.
     rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
     rank_pattern, alpha_pattern: ``{regex: value}`` overriding rank/alpha for
       matching paths (first match wins).

@@ -4,7 +4,9 @@ A *selector* is a regex (searched in the '/'-joined key path, e.g.
 ``model/layers/0/self_attn/q_proj/kernel``), a list of selectors, a callable
 ``(path, leaf) -> bool``, or ``"all-linear"``: every Dense-style kernel (a leaf
 named ``kernel`` with at least two axes) except an output head, as PEFT's
-``target_modules="all-linear"`` does.
+``target_modules="all-linear"`` does. With a layout from
+`jlora.infer_layout`, `select_inferred` picks among the matmul weights the
+model showed instead.
 """
 
 from __future__ import annotations
@@ -54,16 +56,19 @@ def path_regex(path: str) -> str:
 
 def format_layout_dict(layouts: dict[str, str]) -> str:
   """``{r'layers/\\d+/w': 'oio'}``: regex keys as raw strings, to paste."""
-  items = []
-  for key, value in layouts.items():
-    text = f"r'{key}'" if "\\" in key and "'" not in key else repr(key)
-    items.append(f"{text}: {value!r}")
-  return "{" + ", ".join(items) + "}"
+  return "{" + ", ".join(f"{_raw(k)}: {v!r}" for k, v in layouts.items()) + "}"
 
 
-def compact_paths(paths: list[str]) -> list[str]:
-  """`paths` with layers folded: one `path_regex` per distinct pattern."""
-  return list(dict.fromkeys(path_regex(p) for p in paths))
+def _raw(pattern: str) -> str:
+  return f"r'{pattern}'" if "\\" in pattern and "'" not in pattern else (
+      repr(pattern))
+
+
+def compact_paths(paths: list[str]) -> str:
+  """`paths` with layers folded (one `path_regex` per distinct pattern),
+  listed as raw strings to paste: ``[r'layers/\\d+/q_proj/w', ...]``."""
+  patterns = dict.fromkeys(path_regex(p) for p in paths)
+  return "[" + ", ".join(_raw(p) for p in patterns) + "]"
 
 
 def is_matrix(leaf: Any) -> bool:

@@ -288,7 +288,7 @@ def test_all_linear_on_weights_not_named_kernel_raises():
   msg = str(err.value)
   assert "'all-linear' (the default) picks leaves named 'kernel'" in msg
   assert "'attn/query_proj/weight'" in msg
-  assert r"'mlp/layers/\\d+/weight'" in msg  # layers folded, none left out
+  assert r"r'mlp/layers/\d+/weight'" in msg  # layers folded, none left out
   assert "'embed/weight'" not in msg  # an embedding is no target anyway
   assert "jlora.infer_layout(fn, params, *args)" in msg
   layout = jlora.infer_layout(fn, model, _ids(32))  # the fix it names
@@ -299,10 +299,12 @@ def test_all_linear_warns_about_skipped_weights():
   case = CASES["tunix_like"]()
   with pytest.warns(UserWarning) as record:
     lp = jlora.apply(case.params, rank=1, key=KEY)
-  msg = str(record[0].message)
-  assert str(record[0].filename).endswith("test_layouts.py")
+  ours = [w for w in record if "all-linear" in str(w.message)]
+  assert len(ours) == 1
+  msg = str(ours[0].message)
+  assert str(ours[0].filename).endswith("test_layouts.py")  # the apply call
   for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-    assert rf"'layers/\\d+/{name}/w'" in msg
+    assert rf"r'layers/\d+/{name}/w'" in msg
   assert "kernel'" not in msg.split("skips")[1].split("If")[0]
   assert "lm_head" not in msg and "embedder" not in msg
   assert "jlora.infer_layout" in msg
@@ -329,3 +331,26 @@ def test_layout_from_another_tree_is_refused():
   del other["layer_1"]
   with pytest.raises(ValueError, match="'layer_1/q_einsum/w'.*same params"):
     jlora.apply(other, rank=2, key=KEY, layout=layout)
+
+
+def test_readme_section_prints_what_its_comments_say(capsys):
+  """The README's "Other model libraries" blocks run (after the quick
+  start's names) and print the layouts their comments show."""
+  import pathlib
+  text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  section = text[text.index("## Other model libraries"):]
+  section = section[:section.index("\n## ", 3)]
+  blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+  assert len(blocks) == 3  # linen, NNX, equinox
+  namespace: dict = {}
+  exec("import flax.linen as nn, jax, jax.numpy as jnp, jlora\n"
+       "key = jax.random.key(0)\nx = jnp.ones((128, 16))", namespace)
+  for block in blocks:
+    exec(block, namespace)
+  printed = capsys.readouterr().out
+  shown = re.findall(r"print\(\w+_layout\)\s+# (\{.*\})", section)
+  assert len(shown) == 3
+  for layout in shown:
+    assert layout in printed
+  grads = namespace["eqx_grads"].layers[0].weight
+  assert grads.a.shape == (16, 4) and float(jnp.abs(grads.b).max()) > 0
