@@ -57,6 +57,10 @@ def collect_layout_errors():
   token = _MISMATCHES.set(found)
   try:
     yield
+  except Exception as e:
+    if found:  # the mismatch is the likelier cause: name it
+      raise LayoutError(_layout_message(found)) from e
+    raise
   finally:
     _MISMATCHES.reset(token)
   if found:

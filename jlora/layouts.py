@@ -29,8 +29,14 @@ class Layouts(dict):
   - ``targets``: the keys `apply` adapts by default: all but those two.
 
   Edits in place (``layout[path] = "ioo"``, ``del layout[path]``) keep the
-  records; a copy made with ``dict(layout)`` is an ordinary regex-keyed
-  layout dict again, with ``"all-linear"`` default targets.
+  records, and so do ``layout.copy()`` and ``layout | {...}``; a plain
+  ``dict(layout)`` is an ordinary regex-keyed layout dict again, with
+  ``"all-linear"`` default targets.
+
+  Example:
+    >>> layout = jlora.infer_layout(fn, params, x)
+    >>> layout["blocks/0/attn/qkv/w"], layout.heads
+    ('ioo', ('lm_head/kernel',))
   """
 
   def __init__(self, layouts=(), *, heads=(), embeddings=()):

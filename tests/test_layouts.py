@@ -93,6 +93,7 @@ def test_printable_and_editable():
   assert ast.literal_eval(repr(layout)) == case.layouts  # prints as a dict
   layout["layer_0/linear/w"] = "io"
   del layout["layer_1/linear/w"]
+  layout = layout.copy() | {"layer_0/linear/w": "io"}
   lp = jlora.apply(case.params, rank=2, key=KEY, layout=layout)
   adapted = {n.path: n.layout for n in _nodes(lp)}
   assert "layer_1/linear/w" not in adapted
