@@ -1,4 +1,4 @@
-"""`infer_layout`: every matmul weight of a model and its layout, from a trace."""
+"""`infer_layout`: every matmul weight of a model and its layout, traced."""
 
 from __future__ import annotations
 
@@ -102,8 +102,9 @@ def infer_layout(fn: Callable[..., Any], params: Any, *args,
       every such weight and its uses.
 
   Example:
-    >>> layout = jlora.infer_layout(lambda p, x: model.apply({"params": p}, x),
-    ...                             params, jax.ShapeDtypeStruct((1, 16), jnp.int32))
+    >>> fn = lambda p, ids: model.apply({"params": p}, ids)
+    >>> layout = jlora.infer_layout(fn, params,
+    ...                             jax.ShapeDtypeStruct((1, 16), jnp.int32))
     >>> lp = jlora.apply(params, rank=8, key=key, layout=layout)
   """
   p_leaves = _paths.leaves_with_path(params)

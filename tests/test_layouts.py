@@ -184,7 +184,7 @@ def test_regex_keyed_layouts_keep_working():
       *case.args)) < 1e-5
 
 
-# -- more ways a weight reaches a product ---------------------------------------
+# -- more ways a weight reaches a product -------------------------------------
 
 X = jnp.ones((2, 4))
 
@@ -231,7 +231,7 @@ def test_expert_weights_picked_per_token_are_stacked():
   assert layout.embeddings == ()
 
 
-# -- errors ---------------------------------------------------------------------
+# -- errors -------------------------------------------------------------------
 
 def test_weight_used_with_two_contractions_lists_both_uses():
   def fn(p, x):
