@@ -16,6 +16,8 @@ pass), so a stacked kernel is never dequantized whole.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import math
 import string
@@ -27,10 +29,67 @@ import jax.numpy as jnp
 from jlora import _fp8
 from jlora._quant_array import is_quantized
 from jlora.node import LoRA, _to_kernel_layout, base_array, is_multi
+from jlora.targets import format_layout_dict, path_regex
 
 
 class LayoutError(ValueError):
   """A kernel was contracted on other axes than its LoRA layout says."""
+
+
+class _Mismatch(NamedTuple):
+  path: str
+  layout: str
+  contracted: tuple[int, ...]
+  kept: tuple[int, ...]
+  suggestion: str
+
+
+# The mismatches found while `jlora.wrap` traces one call: every product is
+# checked and the call raises once, listing them all. Set only for the
+# duration of that trace (see `collect_layout_errors`).
+_MISMATCHES: contextvars.ContextVar = contextvars.ContextVar(
+    "jlora_layout_mismatches", default=None)
+
+
+@contextlib.contextmanager
+def collect_layout_errors():
+  """Raises one `LayoutError` for every mismatched kernel met inside."""
+  found: list[_Mismatch] = []
+  token = _MISMATCHES.set(found)
+  try:
+    yield
+  except Exception as e:
+    if found:  # the mismatch is the likelier cause: name it
+      raise LayoutError(_layout_message(found)) from e
+    raise
+  finally:
+    _MISMATCHES.reset(token)
+  if found:
+    raise LayoutError(_layout_message(found))
+
+
+def _layout_message(found: list[_Mismatch]) -> str:
+  def axes(m, role):
+    return [k for k, r in enumerate(m.layout) if r == role]
+  lines = [f"'{m.path}' is contracted on axes {list(m.contracted)} and keeps"
+           f" {list(m.kept)}, but its layout '{m.layout}' has inputs"
+           f" {axes(m, 'i')} and stacked axes {axes(m, 'b')}; it fits"
+           f" '{m.suggestion}'" for m in found]
+  # One regex per layer pattern, when every layer needs the same layout.
+  by_rx: dict[str, set[str]] = {}
+  for m in found:
+    by_rx.setdefault(path_regex(m.path), set()).add(m.suggestion)
+  fix = {}
+  for m in found:
+    rx = path_regex(m.path)
+    fix.setdefault(rx if len(by_rx[rx]) == 1 else m.path, m.suggestion)
+  what = (f"LoRA kernel {lines[0]}. " if len(found) == 1 else
+          f"{len(found)} LoRA kernels are contracted on other axes than"
+          " their layouts say:\n  " + "\n  ".join(lines) + "\n")
+  return (f"{what}Re-create the adapters with jlora.apply(...,"
+          f" layout={format_layout_dict(fix)}), or infer every kernel's"
+          " layout from the model: layout = jlora.infer_layout(fn, params,"
+          " *args); jlora.apply(params, ..., layout=layout).")
 
 
 def _to_kernel_order(x, roles: str, keep: str, first: str) -> Any:
@@ -262,7 +321,8 @@ class Factored:
     else:
       xc, kc, xb, kb = rc, lc, rb, lb
     xc, kc, xb, kb = (tuple(int(i) for i in t) for t in (xc, kc, xb, kb))
-    self._check_contraction(kc, kb)
+    if not self._check_contraction(kc, kb):
+      return None
     letters = iter(string.ascii_letters)
     xl = [next(letters) for _ in range(x.ndim)]
     kl: list[str | None] = [None] * len(self.roles)
@@ -294,6 +354,8 @@ class Factored:
     if self.rng is not None:
       return None
     plan = self._plan(x, kernel_is_rhs, params)
+    if plan is None:
+      return None
     # Stacked adapters (one `jlora.wrap` call has one `adapter_ids`) share
     # with stacks of as many adapters.
     groups = len(self.group_scales)
@@ -307,6 +369,8 @@ class Factored:
     with other kernels that read the same `x`).
     """
     plan = self._plan(x, kernel_is_rhs, params)
+    if plan is None:  # a layout mismatch, reported when the trace ends
+      return self._base_product(x, kernel_is_rhs, bind)
     xl, kl, al, bl, tl, out = (plan.xl, plan.kl, plan.al, plan.bl, plan.tl,
                                plan.out)
     r = al[-1]
@@ -490,25 +554,34 @@ class Factored:
     keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
     return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
 
-  def _check_contraction(self, kc, kb):
+  def _check_contraction(self, kc, kb) -> bool:
+    """False (the mismatch recorded, or raised outside `wrap`) if the
+    product contracts other axes than the layout's inputs."""
     inputs = {k for k, r in enumerate(self.roles) if r == "i"}
-    if set(kc) == inputs and not any(self.roles[k] == "o" for k in kb):
-      return
-    # Name the layout that would fit, in the kernel's original axis order.
-    suggested = ["o"] * len(self.layout)
-    for k in kb:
-      if self.orig[k] >= 0:
-        suggested[self.orig[k]] = "b"
-    for k in kc:
-      if self.orig[k] >= 0:
-        suggested[self.orig[k]] = "i"
-    suggestion = "".join(suggested)
-    raise LayoutError(
-        f"LoRA kernel '{self.path}' (layout '{self.layout}') is contracted on"
-        f" its axes {sorted(self.orig[k] for k in kc)} but its layout says the"
-        f" input axes are {[k for k, r in enumerate(self.layout) if r == 'i']}."
-        f" Re-create the adapter with jlora.apply(...,"
-        f" layout={{{self.path!r}: {suggestion!r}}}).")
+    kept = [k for k in range(len(self.roles)) if k not in kc and k not in kb]
+    # A stacked axis the product keeps (gemma's heads read as 'bio') would
+    # silently be one adapter per head: it is an output axis.
+    kept_stacked = [k for k in kept
+                    if self.roles[k] == "b" and self.w.shape[k] != 1]
+    if set(kc) == inputs and not any(self.roles[k] == "o" for k in kb) and (
+        not kept_stacked):
+      return True
+    # Name the layout that would fit, in the kernel's original axis order:
+    # a stacked axis this view no longer has (scanned over) stays stacked.
+    suggested = ["b" if r == "b" else "o" for r in self.layout]
+    for k, o in enumerate(self.orig):
+      if o >= 0:
+        suggested[o] = "i" if k in kc else "b" if k in kb else "o"
+    found = _Mismatch(self.path, self.layout,
+                      tuple(sorted(self.orig[k] for k in kc)),
+                      tuple(sorted(self.orig[k] for k in kept)),
+                      "".join(suggested))
+    pending = _MISMATCHES.get()
+    if pending is None:
+      raise LayoutError(_layout_message([found]))
+    if found not in pending:
+      pending.append(found)
+    return False
 
 
 def _with_example(letters: list, e: str) -> list:

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 from jlora import _paths
 from jlora.node import (LoRA, base_array, check_layout, default_layout,
                         factor_shapes, is_lora, kernel_matrix)
-from jlora.targets import Selector, pattern_value, select
+from jlora.layouts import Layouts
+from jlora.targets import (Selector, format_layout_dict, path_regex,
+                           pattern_value, select, select_inferred)
 
 
 def _adapter_dtype(w_dtype, dtype):
@@ -23,7 +25,8 @@ def _adapter_dtype(w_dtype, dtype):
   return jnp.promote_types(w_dtype, jnp.float32)
 
 
-def _check_rank(rank: Any, path: str, fan_in: int, fan_out: int) -> int:
+def _check_rank(rank: Any, path: str, fan_in: int, fan_out: int,
+                hint: str = "") -> int:
   if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
     raise ValueError(
         f"rank must be a positive int, got {rank!r} for '{path}'")
@@ -31,8 +34,20 @@ def _check_rank(rank: Any, path: str, fan_in: int, fan_out: int) -> int:
     raise ValueError(
         f"rank {rank} exceeds min(in, out) = {min(fan_in, fan_out)} for"
         f" '{path}' (in={fan_in}, out={fan_out}); use rank <= "
-        f"{min(fan_in, fan_out)} or exclude it")
+        f"{min(fan_in, fan_out)} or exclude it{hint}")
   return rank
+
+
+def _layout_hint(path: str, roles: str, shape: tuple[int, ...]) -> str:
+  """Why a rank fails on a multi-axis kernel: most likely its layout."""
+  if len(shape) <= 2:
+    return ""
+  example = format_layout_dict({path_regex(path): "..."})
+  return (f". '{path}' has {len(shape)} axes {shape}, read with layout"
+          f" '{roles}' ('b' stacked, 'i' input, 'o' output): the layout is"
+          " the likely cause. Infer it from the model with layout ="
+          " jlora.infer_layout(fn, params, *args), or give it, e.g."
+          f" layout={example}")
 
 
 def _adapter_shardings(w: Any, layout: str):
@@ -90,15 +105,19 @@ def apply(params: Any, rank: int, *, alpha: float | None = None,
       (scale 1).
     targets: regex searched in each '/'-joined path, a list of them, a
       callable ``(path, leaf) -> bool`` or ``"all-linear"`` (the default:
-      every ``kernel`` with ndim >= 2 except an output head).
+      every ``kernel`` with ndim >= 2 except an output head; with a
+      `Layouts` from `jlora.infer_layout`, every matmul weight it found
+      except heads and embeddings, and explicit targets pick among those).
     exclude: same forms; removes paths from the targets.
     key: PRNG key for the random init of ``a`` (required).
     dtype: adapter dtype; default float32 (float64 for a float64 base).
     layout: ``{regex: roles}`` with one letter per kernel axis: 'b' a stacked
       axis (one adapter per index), 'i' an input (contracted) axis, 'o' an
-      output axis. Default: leading axes 'b', then 'io', e.g. 'bio' for a
+      output axis; a key equal to the path wins, else the first regex found
+      in it. Default: leading axes 'b', then 'io', e.g. 'bio' for a
       scanned (layers, in, out) kernel. A DenseGeneral kernel (in, heads,
       head_dim) is 'ioo'; an output projection (heads, head_dim, out) 'iio'.
+      ``jlora.infer_layout(fn, params, *args)`` reads them off the model.
     rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
     rank_pattern, alpha_pattern: ``{regex: value}`` overriding rank/alpha for
       matching paths (first match wins).
@@ -126,7 +145,10 @@ def apply(params: Any, rank: int, *, alpha: float | None = None,
     raise ValueError(
         f"params already hold LoRA adapters at {existing[:5]}; call"
         " jlora.merge(params) first to stack a new adapter on a fused base")
-  chosen = select(leaves, targets, exclude)
+  if isinstance(layout, Layouts):
+    chosen = select_inferred(leaves, layout, targets, exclude)
+  else:
+    chosen = select(leaves, targets, exclude)
   if key is None:
     raise ValueError("jlora.apply needs a PRNG key for the adapters' random"
                      " init, e.g. key=jax.random.key(0)")
@@ -137,11 +159,11 @@ def apply(params: Any, rank: int, *, alpha: float | None = None,
   def replace(path: str, leaf: Any) -> Any:
     if path not in keys:
       return leaf
-    roles = pattern_value(path, layout, None) or default_layout(leaf.ndim)
+    roles = _layout_of(path, leaf, layout)
     check_layout(roles, tuple(leaf.shape), path)
     _, fan_in, fan_out = factor_shapes(roles, tuple(leaf.shape))
     r = _check_rank(pattern_value(path, rank_pattern, rank), path, fan_in,
-                    fan_out)
+                    fan_out, _layout_hint(path, roles, tuple(leaf.shape)))
     a_value = pattern_value(path, alpha_pattern, alpha)
     a, b = init_adapter(keys[path], leaf, r, roles, dtype)
     m = magnitude(leaf, roles, a.dtype) if dora else None
@@ -155,6 +177,13 @@ def apply(params: Any, rank: int, *, alpha: float | None = None,
     from jlora.initializers import initialize  # it builds on init_adapter
     tree = initialize(tree, init, jax.random.fold_in(key, 1))
   return tree
+
+
+def _layout_of(path: str, leaf: Any, layout: dict[str, str] | None) -> str:
+  """The layout keyed by exactly `path`, else the first regex found in it."""
+  if layout and path in layout:
+    return layout[path]
+  return pattern_value(path, layout, None) or default_layout(leaf.ndim)
 
 
 def magnitude(w: Any, layout: str, dtype) -> jax.Array:

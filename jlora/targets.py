@@ -4,13 +4,16 @@ A *selector* is a regex (searched in the '/'-joined key path, e.g.
 ``model/layers/0/self_attn/q_proj/kernel``), a list of selectors, a callable
 ``(path, leaf) -> bool``, or ``"all-linear"``: every Dense-style kernel (a leaf
 named ``kernel`` with at least two axes) except an output head, as PEFT's
-``target_modules="all-linear"`` does.
+``target_modules="all-linear"`` does. With a layout from
+`jlora.infer_layout`, `select_inferred` picks among the matmul weights the
+model showed instead.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from typing import Any, Callable, Sequence, Union
 
 Selector = Union[str, Callable[[str, Any], bool], Sequence[Any], None]
@@ -26,6 +29,46 @@ HEAD_PATTERN = re.compile(
 # Leaf names that are never matmul kernels, even when stacked to 2-D by a
 # scan over layers (a (layers, out) bias).
 NON_KERNEL_NAMES = frozenset({"bias", "scale"})
+
+
+# Embedding tables: "all-linear" skips them, and so do its warnings.
+EMBEDDING_PATTERN = re.compile(r"(^|/)[^/]*emb[^/]*(/|$)", re.IGNORECASE)
+
+_INFER_HINT = (
+    "infer every matmul weight and its layout from the model with layout ="
+    " jlora.infer_layout(fn, params, *args), then jlora.apply(params, rank,"
+    " key=key, layout=layout)")
+
+
+def path_regex(path: str) -> str:
+  """A regex for `path` and its siblings in other layers.
+
+  Layer numbers, a numeric component or a ``_N`` suffix, become ``\\d+``:
+
+  >>> path_regex("layers/0/attn/q_einsum/w"), path_regex("layer_3/mlp/w")
+  ('layers/\\\\d+/attn/q_einsum/w', 'layer_\\\\d+/mlp/w')
+  """
+  def part_regex(part: str) -> str:
+    m = re.fullmatch(r"(.*_)?(\d+)", part)
+    return re.escape(m.group(1) or "") + r"\d+" if m else re.escape(part)
+  return "/".join(part_regex(part) for part in path.split("/"))
+
+
+def format_layout_dict(layouts: dict[str, str]) -> str:
+  """``{r'layers/\\d+/w': 'oio'}``: regex keys as raw strings, to paste."""
+  return "{" + ", ".join(f"{_raw(k)}: {v!r}" for k, v in layouts.items()) + "}"
+
+
+def _raw(pattern: str) -> str:
+  return f"r'{pattern}'" if "\\" in pattern and "'" not in pattern else (
+      repr(pattern))
+
+
+def compact_paths(paths: list[str]) -> str:
+  """`paths` with layers folded (one `path_regex` per distinct pattern),
+  listed as raw strings to paste: ``[r'layers/\\d+/q_proj/w', ...]``."""
+  patterns = dict.fromkeys(path_regex(p) for p in paths)
+  return "[" + ", ".join(_raw(p) for p in patterns) + "]"
 
 
 def is_matrix(leaf: Any) -> bool:
@@ -89,6 +132,8 @@ def select(leaves: list[tuple[str, Any]], targets: Selector = None,
   for sel in _as_list(targets) or [ALL_LINEAR]:
     match = matcher(sel)
     hits = [p for p, x in matrices if match(p, x)]
+    if isinstance(sel, str) and sel == ALL_LINEAR:
+      _check_all_linear(matrices, hits)
     if not hits:
       others = [p for p, x in leaves if not _is_candidate(p, x) and match(p, x)]
       hint = (f" It matched only biases, scales or leaves with fewer than 2"
@@ -103,6 +148,70 @@ def select(leaves: list[tuple[str, Any]], targets: Selector = None,
     match = matcher(sel)
     chosen -= {p for p, x in matrices if match(p, x)}
   return [p for p, _ in matrices if p in chosen]
+
+
+def _check_all_linear(matrices: list[tuple[str, Any]], hits: list[str]):
+  """Raises if "all-linear" found nothing, warns about what it skipped.
+
+  "all-linear" goes by the name ``kernel``; NNX and Einsum weights are
+  often ``w``, equinox's ``weight``, and those it would skip silently.
+  """
+  skipped = [p for p, _ in matrices if p.rsplit("/", 1)[-1] != "kernel"
+             and not HEAD_PATTERN.search(p)
+             and not EMBEDDING_PATTERN.search(p)]
+  if not hits:
+    found = (f" The leaves with >= 2 axes are {compact_paths(skipped)}." if
+             skipped else "")
+    raise ValueError(
+        f"targets '{ALL_LINEAR}' (the default) picks leaves named 'kernel'"
+        f" with >= 2 axes, and params have none.{found} To adapt them,"
+        f" {_INFER_HINT}; or name them with targets=r'...'.")
+  if skipped:
+    warnings.warn(
+        f"targets '{ALL_LINEAR}' (the default) picks leaves named 'kernel'"
+        f" and skips these leaves with >= 2 axes: {compact_paths(skipped)}."
+        f" If they are matmul weights, {_INFER_HINT}; or name them with"
+        " targets=r'...'.", UserWarning, stacklevel=4)
+
+
+def select_inferred(leaves: list[tuple[str, Any]], layouts: Any,
+                    targets: Selector = None,
+                    exclude: Selector = None) -> list[str]:
+  """Paths chosen among the weights of an inferred `Layouts` dict.
+
+  By default its ``targets`` (every matmul weight but output heads and
+  embeddings); explicit `targets` pick among all its weights (a head too,
+  when named), `exclude` removes.
+  """
+  present = {p for p, _ in leaves}
+  missing = [p for p in layouts if p not in present]
+  if missing:
+    raise ValueError(
+        f"layout names leaves that params do not have: {missing[:10]}; infer"
+        " it from the same params tree you pass to jlora.apply")
+  pool = [(p, x) for p, x in leaves if p in layouts]
+  chosen: set[str] = set()
+  for sel in _as_list(targets) or [ALL_LINEAR]:
+    if isinstance(sel, str) and sel == ALL_LINEAR:
+      chosen.update(layouts.targets)
+      continue
+    match = matcher(sel)
+    hits = [p for p, x in pool if match(p, x)]
+    if not hits:
+      raise ValueError(
+          f"target {sel!r} matched none of the matmul weights infer_layout"
+          f" found. Closest: {_near_misses(sel, [p for p, _ in pool])}.")
+    chosen.update(hits)
+  for sel in _as_list(exclude):
+    match = matcher(sel)
+    chosen -= {p for p, x in pool if match(p, x)}
+  if not chosen:
+    raise ValueError(
+        "no weight left to adapt: infer_layout found the matmul weights"
+        f" {list(layouts)}, of which heads {list(layouts.heads)} and"
+        f" embeddings {list(layouts.embeddings)} are skipped by default;"
+        " name the ones to adapt with targets=")
+  return [p for p, _ in pool if p in chosen]
 
 
 def pattern_value(path: str, patterns: dict[str, Any] | None, default: Any):

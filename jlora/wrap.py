@@ -8,7 +8,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jlora._factored import Factored
+from jlora._factored import Factored, collect_layout_errors
 from jlora._fp8 import is_fp8
 from jlora._fp8_kernel import Fp8Kernel
 from jlora._interpreter import eval_jaxpr
@@ -108,7 +108,8 @@ def wrap(fn: Callable[..., Any], *, share_inputs: bool = True
     >>> grads = jax.grad(lambda t: loss(forward({"params": jlora.combine(t, frozen)}, x)))(trainable)
 
   Raises:
-    LayoutError: a kernel is contracted on other axes than its layout says.
+    LayoutError: kernels are contracted on other axes than their layouts
+      say; one error lists them all, with the layouts that fit.
   """
 
   @functools.wraps(fn)
@@ -132,8 +133,9 @@ def wrap(fn: Callable[..., Any], *, share_inputs: bool = True
         *[_abstract(leaves[i]) for i in dynamic])
     inputs = [_input(leaves[i], _node_rng(lora_rng, n), adapter_ids)
               for n, i in enumerate(dynamic)]
-    outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs, fuse_outputs=True,
-                      share=share_inputs)
+    with collect_layout_errors():  # one error listing every mismatch
+      outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs,
+                        fuse_outputs=True, share=share_inputs)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
   return wrapped
