@@ -9,6 +9,7 @@ Example:
   >>> tokens = generate(model, params, prompt_ids, max_new_tokens=32)
 """
 
+from jlora.models import sharding
 from jlora.models.config import ModelConfig, RopeConfig
 from jlora.models.generate import generate, sample_logits
 from jlora.models.decoder import (
@@ -51,4 +52,7 @@ __all__ = [
   "init_cache",
   "load_tokenizer",
   "sample_logits",
+  "save_pretrained",
+  "sharding",
+  "to_hf_config",
 ]
