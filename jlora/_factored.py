@@ -107,8 +107,13 @@ class Factored:
 
   def __init__(self, w, a, b, gain, rng, ids, roles: str,
                orig: tuple[int, ...], scale: float, path: str, layout: str,
-               dropout: float, group_scales: tuple[float, ...] = ()):
+               dropout: float, group_scales: tuple[float, ...] = (),
+               selected: bool = False):
     self.w, self.a, self.b = w, a, b
+    # Whether stacked axes were indexed (experts picked per token): a
+    # stacked axis such a product keeps is an expert axis, not a misread
+    # output axis.
+    self.selected = selected
     # Mixed-adapter batches (a `MultiLoRA` node): the rank axis holds
     # len(group_scales) adapters side by side, and example k of the batch
     # uses adapter ids[k] (negative: none).
@@ -123,7 +128,7 @@ class Factored:
 
   _CHILDREN = ("w", "a", "b", "gain", "rng", "ids")
   _AUX = ("roles", "orig", "scale", "path", "layout", "dropout",
-          "group_scales")
+          "group_scales", "selected")
 
   def tree_flatten(self):
     return (tuple(getattr(self, k) for k in self._CHILDREN),
@@ -288,7 +293,8 @@ class Factored:
   def with_selection(self, arrays: dict, roles: str,
                      orig: tuple[int, ...]) -> "Factored":
     """The kernel after a selection: new `aligned` arrays and axis roles."""
-    return self.replace(**arrays, roles=roles, orig=tuple(orig))
+    return self.replace(**arrays, roles=roles, orig=tuple(orig),
+                        selected=True)
 
   # -- uses ---------------------------------------------------------------
 
@@ -561,8 +567,8 @@ class Factored:
     kept = [k for k in range(len(self.roles)) if k not in kc and k not in kb]
     # A stacked axis the product keeps (gemma's heads read as 'bio') would
     # silently be one adapter per head: it is an output axis.
-    kept_stacked = [k for k in kept
-                    if self.roles[k] == "b" and self.w.shape[k] != 1]
+    kept_stacked = [k for k in kept if self.roles[k] == "b"
+                    and self.w.shape[k] != 1 and not self.selected]
     if set(kc) == inputs and not any(self.roles[k] == "o" for k in kb) and (
         not kept_stacked):
       return True
