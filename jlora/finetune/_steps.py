@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jlora
 from jlora import models
+from jlora.models import sharding
 from jlora.data import masked_cross_entropy
 
 # The offline demo's model: a small random Llama over the byte tokenizer's
@@ -24,39 +25,23 @@ DEMO_CONFIG = models.ModelConfig(
 
 
 def make_mesh(spec: str | None):
-  """'data:2,model:4' -> a Mesh of the first devices; None without a spec."""
+  """A mesh from a spec such as 'fsdp:8' (see `jlora.models.sharding`).
+
+  None without a spec. On one process a mesh smaller than the host takes
+  its first devices; across processes it spans every process's devices.
+  """
   if not spec:
     return None
-  names, sizes = [], []
-  for part in spec.split(","):
-    name, _, size = part.partition(":")
-    if not size.strip().isdigit():
-      raise ValueError(f"--mesh {spec!r}: write axes as name:size, e.g."
-                       " 'data:2,model:4'")
-    names.append(name.strip())
-    sizes.append(int(size))
-  if set(names) - {"data", "model"} or len(set(names)) != len(names):
-    raise ValueError(f"--mesh axes must be 'data' and/or 'model', got {names}")
-  if math.prod(sizes) > jax.device_count():
-    raise ValueError(f"--mesh {spec} needs {math.prod(sizes)} devices; this"
-                     f" host has {jax.device_count()}")
-  # Auto axes: XLA propagates shardings from the params and the batch.
-  return jax.make_mesh(
-      tuple(sizes), tuple(names), devices=jax.devices()[:math.prod(sizes)],
-      axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+  need = math.prod(sharding.parse_spec(spec).values())
+  devices = jax.devices()
+  if jax.process_count() == 1 and need < len(devices):
+    devices = devices[:need]
+  return sharding.make_mesh(spec, devices)
 
 
 def param_sharding(mesh):
-  """Kernels split along their output axis over 'model'; the rest replicated."""
-  if mesh is None:
-    return None
-  model_size = dict(mesh.shape).get("model", 1)
-
-  def rule(path: str, shape: tuple[int, ...]):
-    if len(shape) >= 2 and model_size > 1 and shape[-1] % model_size == 0:
-      return NamedSharding(mesh, P(*(None,) * (len(shape) - 1), "model"))
-    return NamedSharding(mesh, P())
-  return rule
+  """The mesh strategy's rule for every parameter; None without a mesh."""
+  return None if mesh is None else sharding.param_rule(mesh)
 
 
 def load_model(args, mesh):

@@ -44,6 +44,7 @@ import jlora
 import jlora.data
 import jlora.peft
 from jlora import models
+from jlora.models import sharding
 from jlora.finetune import _steps
 from jlora.finetune._steps import DEMO_CONFIG
 
@@ -74,8 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   g.add_argument("--attention", choices=("xla", "cudnn", "auto"),
                  default="xla")
   g.add_argument("--mesh", default=None,
-                 help="e.g. 'data:2,model:4': batch over 'data', kernels"
-                      " over 'model'")
+                 help="strategy as a device mesh, e.g. 'data:8' (data"
+                      " parallel), 'fsdp:8' (params, adapters and optimizer"
+                      " state sharded), 'model:2' (tensor parallel) or a"
+                      " combination such as 'data:2,fsdp:2,model:2'")
   g = p.add_argument_group("data")
   g.add_argument("--data", default=None,
                  help=".jsonl / .json / .parquet / .txt; default: the shipped"
@@ -185,10 +188,11 @@ def main(argv=None) -> dict:
   targets = args.targets or ("/kernel$" if demo else "all-linear")
   save_every = args.save_every or args.eval_every
   mesh = _steps.make_mesh(args.mesh)
-  data_size = 1 if mesh is None else dict(mesh.shape).get("data", 1)
-  if args.batch % data_size:
-    raise SystemExit(f"--batch {args.batch} must divide over the mesh's"
-                     f" 'data' axis of size {data_size}")
+  if mesh is not None:
+    try:
+      sharding.batch_size_per_process(args.batch, mesh)
+    except ValueError as e:
+      raise SystemExit(f"--batch: {e}") from None
   shard = (jax.process_index(), jax.process_count())
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
@@ -230,7 +234,7 @@ def main(argv=None) -> dict:
       out_shardings=out_shardings)
 
   batch_sharding = (None if mesh is None else NamedSharding(
-      mesh, P("data" if "data" in mesh.axis_names else None, None)))
+      mesh, sharding.batch_spec(mesh)))
 
   def put(batch):
     if batch_sharding is None:
@@ -308,12 +312,6 @@ def main(argv=None) -> dict:
       losses += [float(x) for x in jax.device_get(step_losses)]
       step_losses = []
       state = (trainable, opt_state)
-      if mesh is not None and jax.default_backend() == "cpu" and shard[1] == 1:
-        # XLA:CPU runs independent programs concurrently on a thread pool;
-        # the checkpoint's per-array checksum programs, each with collectives
-        # over simulated devices, can then starve each other's rendezvous.
-        # Saving host copies keeps them single-device.
-        state = jax.device_get(state)
       ckpt.save(step, trainable=state[0], opt_state=state[1],
                 extra={"data": batch_state, "losses": losses,
                        "evals": [list(e) for e in evals]}, force=True)
