@@ -188,14 +188,19 @@ def apply(params: Any, rank: int, *, alpha: float | None = None,
   Args:
     params: any pytree of arrays: a linen params dict, a `FrozenDict`, or an
       `nnx.State` from `nnx.split`.
-    rank: adapter rank r, a positive int <= min(in, out) of every target.
-    alpha: scaling numerator; ``scale = alpha / r``. Defaults to ``rank``
+    rank: adapter rank r, a positive int (Python or NumPy) <= min(in, out)
+      of every target.
+    alpha: scaling numerator, a finite non-zero number; ``scale = alpha /
+      r`` (a negative alpha flips the update's sign). Defaults to ``rank``
       (scale 1).
     targets: regex searched in each '/'-joined path, a list of them, a
       callable ``(path, leaf) -> bool`` or ``"all-linear"`` (the default:
-      every ``kernel`` with ndim >= 2 except an output head).
+      every float ``kernel`` with ndim >= 2 except an output head). Only
+      floating-point kernels take adapters: a target that picks an integer
+      or bool kernel raises naming it.
     exclude: same forms; removes paths from the targets.
-    key: PRNG key for the random init of ``a`` (required).
+    key: PRNG key for the random init of ``a`` (required): one
+      ``jax.random.key(seed)`` or legacy ``jax.random.PRNGKey(seed)``.
     dtype: adapter dtype; default float32 (float64 for a float64 base).
     layout: ``{regex: roles}`` with one letter per kernel axis: 'b' a stacked
       axis (one adapter per index), 'i' an input (contracted) axis, 'o' an
@@ -204,7 +209,7 @@ def apply(params: Any, rank: int, *, alpha: float | None = None,
       head_dim) is 'ioo'; an output projection (heads, head_dim, out) 'iio'.
     rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
     rank_pattern, alpha_pattern: ``{regex: value}`` overriding rank/alpha for
-      matching paths (first match wins).
+      matching paths (first match wins); a regex matching no target raises.
     init: ``"default"`` (a uniform, b zero), ``"gaussian"``, ``"pissa"``,
       ``"pissa_niter_N"`` (randomized SVD, N power iterations) or
       ``"olora"``: see `jlora.variants.initialize`.
