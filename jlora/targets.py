@@ -134,6 +134,10 @@ def select(leaves: list[tuple[str, Any]], targets: Selector = None,
   excluded = set()
   for sel in _as_list(exclude):
     match = matcher(sel)
+    if not any(match(p, x) for p, x in leaves):
+      raise ValueError(
+          f"exclude {sel!r} matches no parameter, so it excludes nothing."
+          f" Closest paths: {_near_misses(sel, all_paths)}")
     excluded |= {p for p, x in leaves if _is_kernel_like(p, x) and match(p, x)}
   chosen -= excluded
   not_floating = [p for p in dict.fromkeys(not_floating) if p not in excluded]

@@ -362,6 +362,8 @@ def test_alpha_zero_rejected_negative_alpha_flips_the_update():
     (dict(targets="(q_proj"), ValueError, "not a valid regex"),
     (dict(exclude=1.5), TypeError, "a selector must be"),
     (dict(exclude="kernel"), ValueError, "removes every kernel"),
+    (dict(exclude="lm_haed"), ValueError,
+     r"exclude 'lm_haed' matches no parameter.*lm_head/kernel"),
 ])
 def test_option_errors_name_the_option(kwargs, error, match):
   with pytest.raises(error, match=match):
