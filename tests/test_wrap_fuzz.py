@@ -27,9 +27,11 @@ from hypothesis import HealthCheck, given, settings
 
 import jlora
 
-DTYPES = [jnp.float32, jnp.bfloat16] + (
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16] + (
     [jnp.float64] if jax.config.jax_enable_x64 else [])
-WRAPPERS = ["jit", "checkpoint", "cond", "fori_loop", "while_loop", "vmap"]
+WRAPPERS = ["jit", "checkpoint", "cond", "switch", "fori_loop", "while_loop",
+            "vmap"]
+LOW = (jnp.bfloat16, jnp.float16)
 
 
 @dataclasses.dataclass
@@ -47,8 +49,8 @@ class View:
 
 def _draw_op(data, view: View, low: list) -> Callable | None:
   """One layout op on the kernel; updates `view`; None for no-op."""
-  kind = data.draw(st.sampled_from(["transpose", "cast", "merge", "split"]),
-                   label="op")
+  kind = data.draw(st.sampled_from(["transpose", "cast", "merge", "split",
+                                    "index"]), label="op")
   n = len(view.shape)
   if kind == "transpose":
     perm = data.draw(st.permutations(range(n)), label="perm")
@@ -57,7 +59,7 @@ def _draw_op(data, view: View, low: list) -> Callable | None:
     return lambda w: jnp.transpose(w, perm)
   if kind == "cast":
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    if dtype == jnp.bfloat16:
+    if dtype in LOW:
       low.append(True)
     return lambda w: w.astype(dtype)
   if kind == "merge" and n >= 3:
@@ -68,6 +70,17 @@ def _draw_op(data, view: View, low: list) -> Callable | None:
     view.roles[k:k + 2] = [view.roles[k]]
     shape = tuple(view.shape)
     return lambda w: w.reshape(shape)
+  if kind == "index" and n >= 3:
+    # One slice of the leading axis (an expert, a layer): static or traced.
+    k = data.draw(st.integers(0, view.shape[0] - 1), label="index")
+    traced = data.draw(st.booleans(), label="traced_index")
+    if view.roles[0] != "b":
+      view.factored = False
+    view.shape, view.roles = view.shape[1:], view.roles[1:]
+    if traced:
+      return lambda w: jax.lax.dynamic_index_in_dim(
+          w, jnp.int32(k) + jnp.zeros((), jnp.int32), keepdims=False)
+    return lambda w: w[k]
   if kind == "split":
     even = [k for k, s in enumerate(view.shape) if s % 2 == 0 and s > 2]
     if even:
@@ -149,6 +162,11 @@ def _wrap(kind: str, g: Callable) -> tuple[Callable, bool]:
   if kind == "cond":
     return (lambda w, x: jax.lax.cond(jnp.sum(x) > 0, g,
                                       lambda w, x: -2.0 * g(w, x), w, x)), True
+  if kind == "switch":
+    return (lambda w, x: jax.lax.switch(
+        (jnp.sum(x) > 0).astype(jnp.int32) + 1,
+        [lambda w, x: 0.5 * g(w, x), g, lambda w, x: g(w, x) + 1.0], w, x)
+            ), True
   if kind == "fori_loop":
     def loop(w, x):
       y = g(w, x)
@@ -190,12 +208,22 @@ def draw_program(data):
   inner = _draw_ops(data, view, low, max_ops=2)
   product, x_shape, layout_ok = _draw_product(data, view)
   elementwise = data.draw(st.booleans(), label="elementwise")
+  # A second adapted kernel read with the same input and contraction (like
+  # q/k/v): `wrap` then shares one x @ [a_1, a_2]; a cast may keep it apart.
+  names = ["w", "v"][:data.draw(st.integers(1, 2), label="n_kernels")]
+  v_cast = data.draw(st.sampled_from([None] + DTYPES), label="v_cast")
+  if v_cast in LOW:
+    low.append(True)
 
-  def g(w, x):
-    w = inner(w)
-    y = product(w, x)
+  def g(ws, x):
+    y = 0
+    for name, w in zip(names, ws):
+      w = inner(w)
+      if name == "v" and v_cast is not None:
+        w = w.astype(v_cast)
+      y = y + product(w, x)
     if elementwise:  # a use other than a matrix product: the fused kernel
-      y = y + jnp.mean(jnp.sin(w)).astype(y.dtype)
+      y = y + jnp.mean(jnp.sin(inner(ws[0]))).astype(y.dtype)
     return y
 
   for kind in data.draw(st.lists(st.sampled_from(WRAPPERS), max_size=2),
@@ -204,25 +232,26 @@ def draw_program(data):
     differentiable &= diff
 
   def program(p, x):
-    w = pre(p["w"])
+    w = tuple(pre(p[name]) for name in names)
     if scan:
       return jax.lax.scan(lambda c, wl: (c, g(wl, x)), 0.0, w, length=length,
                           reverse=reverse)[1]
     return g(w, x)
 
   seed = data.draw(st.integers(0, 2**16), label="seed")
-  keys = jax.random.split(jax.random.key(seed), 4)
-  w = jax.random.normal(keys[0], shape) / math.sqrt(shape[layout.index("i")])
-  stacked_in = math.prod(s for s, r in zip(shape, layout) if r == "i")
-  stacked_out = math.prod(s for s, r in zip(shape, layout) if r == "o")
-  rank = data.draw(st.integers(1, min(stacked_in, stacked_out)), label="rank")
-  lp = jlora.apply({"w": w}, rank=rank, alpha=data.draw(
-      st.sampled_from([1.0, 2.5, -1.0]), label="alpha"), targets="w",
-      key=keys[1], layout={"w": layout})
-  node = lp["w"]
-  lp = {"w": dataclasses.replace(
-      node, b=0.5 * jax.random.normal(keys[2], node.b.shape))}
-  x = jax.random.normal(keys[3], x_shape)
+  fan_in = math.prod(s for s, r in zip(shape, layout) if r == "i")
+  fan_out = math.prod(s for s, r in zip(shape, layout) if r == "o")
+  lp = {}
+  for k, name in enumerate(names):
+    keys = jax.random.split(jax.random.key(seed + k), 3)
+    w = jax.random.normal(keys[0], shape) / math.sqrt(fan_in)
+    rank = data.draw(st.integers(1, min(fan_in, fan_out)), label="rank")
+    node = jlora.apply({name: w}, rank=rank, alpha=data.draw(
+        st.sampled_from([1.0, 2.5, -1.0]), label="alpha"), targets=name,
+        key=keys[1], layout={name: layout})[name]
+    lp[name] = dataclasses.replace(
+        node, b=0.5 * jax.random.normal(keys[2], node.b.shape))
+  x = jax.random.normal(jax.random.key(seed + 7), x_shape)
   return program, lp, x, differentiable, bool(low), layout_ok
 
 
@@ -248,8 +277,8 @@ def check_program(data):
     outs = (wrapped(t), merged(t))
     if not differentiable:
       return outs, None
-    return outs, (jax.grad(lambda t: _loss(wrapped(t)))(t)["w"],
-                  jax.grad(lambda t: _loss(merged(t)))(t)["w"])
+    return outs, (jax.grad(lambda t: _loss(wrapped(t)))(t),
+                  jax.grad(lambda t: _loss(merged(t)))(t))
 
   try:
     (got, want), grads = both(trainable)
@@ -259,10 +288,11 @@ def check_program(data):
   assert got.shape == want.shape and got.dtype == want.dtype
   tol = 5e-2 if low else 2e-4
   assert _rel(got, want) < tol, ("output", _rel(got, want), tol)
-  if grads is not None:
-    for field in ("a", "b"):
-      err = _rel(getattr(grads[0], field), getattr(grads[1], field))
-      assert err < (1e-1 if low else 1e-3), (field, err)
+  if grads is not None:  # every a and b
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads[0]),
+                            jax.tree.leaves(grads[1])):
+      err = _rel(g, w)
+      assert err < (1e-1 if low else 1e-3), (jax.tree_util.keystr(path), err)
 
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
