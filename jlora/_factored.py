@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import itertools
 import math
 import string
@@ -90,6 +91,20 @@ def _layout_message(found: list[_Mismatch]) -> str:
           f" layout={format_layout_dict(fix)}), or infer every kernel's"
           " layout from the model: layout = jlora.infer_layout(fn, params,"
           " *args); jlora.apply(params, ..., layout=layout).")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdapterIds:
+  """A mixed batch's adapter index per example, (B,) ints (-1: the base).
+
+  ``axis`` (static) names the batch axis of each adapted product's input
+  (negative counts from the end); None infers it (`Factored._example_axis`).
+  """
+
+  ids: Any
+  axis: int | None = dataclasses.field(metadata=dict(static=True),
+                                       default=None)
 
 
 def _to_kernel_order(x, roles: str, keep: str, first: str) -> Any:
@@ -345,11 +360,12 @@ class Factored:
     k_free = [kl[j] for j in range(len(kl)) if j not in kc and j not in kb]
     batch = [xl[i] for i in xb]
     out = batch + (x_free + k_free if kernel_is_rhs else k_free + x_free)
-    # Without free axes of x, its first batch axis: the token axis that a
-    # kernel gathered per token (w[expert_ids]) shares with x.
-    example = next((i for i in range(x.ndim) if i not in xc and i not in xb),
-                   min(xb, default=None))
-    return _Plan(xl, kl, al, bl, tl, out, example)
+    free = tuple(i for i in range(x.ndim) if i not in xc and i not in xb)
+    if not free and xb:
+      # Without free axes of x, its first batch axis: the token axis that a
+      # kernel gathered per token (w[expert_ids]) shares with x.
+      free = (min(xb),)
+    return _Plan(xl, kl, al, bl, tl, out, free)
 
   def shares_input_product(self, x, kernel_is_rhs: bool, params: dict):
     """The key under which kernels may share one ``x @ [a_1, a_2, ...]``.
@@ -389,16 +405,19 @@ class Factored:
     if self.group_scales:
       # Punica/S-LoRA's batched gather-matmul: each example's own (in, r)
       # and (r, out) factors are gathered and multiplied batch-wise.
-      ids = self._example_ids(x, plan.example)
-      e = xl[plan.example]
+      axis = self._example_axis(x, plan.free)
+      ids = self._example_ids(x, axis)
+      e = xl[axis]
       a = a if t is not None else self._gather(a, ids, al, e)
       b = self._gather(b, ids, bl, e)
       al, bl = _with_example(al, e), _with_example(bl, e)
-      scale = jnp.asarray(self.group_scales + (0.0,), out_dtype)[ids]
+      # Index n: -1, no adapter (scale 0); n + 1: out of range, NaN.
+      scale = jnp.asarray(self.group_scales + (0.0, math.nan), out_dtype)[ids]
       scale = scale.reshape([-1 if l == e else 1 for l in tl])
     if t is None:
-      t = jnp.einsum(f"{''.join(xl)},{''.join(al)}->{''.join(tl)}",
-                     self._dropout(x), a.astype(dtype), precision=precision,
+      xd, xdl = self._dropout(x, plan)
+      t = jnp.einsum(f"{''.join(xdl)},{''.join(al)}->{''.join(tl)}",
+                     xd, a.astype(dtype), precision=precision,
                      preferred_element_type=out_dtype)
     t = (t * scale).astype(dtype)
     delta = jnp.einsum(f"{''.join(tl)},{''.join(bl)}->{''.join(out)}", t,
@@ -472,8 +491,12 @@ class Factored:
           " ragged_dot, which needs a 2-D (rows, features) input whose rows"
           " are gathered from the tokens; run one adapter at a time"
           " (jlora.select) for this model")
-    ids = jnp.where(self.ids < 0, n, self.ids)[example_rows]
-    scales = jnp.asarray(self.group_scales + (0.0,), jnp.float32)[ids]
+    ids = self.ids.ids
+    # -1: no adapter (scale 0); out of range (only under jit): NaN rows.
+    ids = jnp.where(ids == -1, n, jnp.where((ids < -1) | (ids >= n), n + 1,
+                                            ids))[example_rows]
+    scales = jnp.asarray(self.group_scales + (0.0, math.nan),
+                         jnp.float32)[ids]
     blocks = (jnp.arange(n) == ids[:, None]) * scales[:, None]
     return jnp.repeat(blocks, shape[1] // n, axis=1)
 
@@ -496,24 +519,56 @@ class Factored:
     shape = [x.shape[d] if d == m else 1 for d in x_free]
     return gain[rows].reshape(*shape, *gain.shape[1:]).astype(dtype)
 
-  def _example_ids(self, x, example: int | None):
-    """Each row's adapter index along x's `example` axis; n for no adapter.
+  def _example_axis(self, x, free: tuple) -> int:
+    """The axis of `x` along which examples run their own adapters.
 
-    The example axis is the first axis of `x` that is neither contracted
-    nor a batch axis of the product: the batch of a (batch, seq, features)
-    input. A flattened (batch * seq, features) input repeats each id.
+    ``adapter_ids_axis`` when given; else the one uncontracted axis of size
+    B (the number of ids), or failing that the one whose size is a multiple
+    of B (a batch-major flattened (B * T, features) input). Two candidates
+    are ambiguous, e.g. a (B, T, F) input with T == B: then it raises.
+    """
+    batch, axis, shape = self.ids.ids.shape[0], self.ids.axis, tuple(x.shape)
+    where = (f"the input of the product with '{self.path}' has shape {shape}"
+             f" (uncontracted axes {list(free)})")
+    if axis is not None:
+      k = axis + x.ndim if axis < 0 else axis
+      if k not in free or shape[k] % batch:
+        raise ValueError(
+            f"adapter_ids_axis={axis}, but {where}: the axis must be an"
+            f" uncontracted axis of size {batch} (the number of adapter_ids)"
+            f" or a multiple of it (a batch-major flattened batch)")
+      return k
+    exact = [k for k in free if shape[k] == batch]
+    found = exact or [k for k in free if shape[k] % batch == 0]
+    if len(found) == 1 or (found and batch == 1):
+      return found[0]  # with one example any axis gives the same result
+    if not found:
+      raise ValueError(
+          f"adapter_ids has {batch} entries, but {where}: no uncontracted"
+          f" axis has size {batch} (or a multiple of it); pass the batch's"
+          " adapter_ids, or name the batch axis with adapter_ids_axis=k")
+    raise ValueError(
+        f"adapter_ids has {batch} entries and {where}: axes {found} could"
+        " each be the batch axis. Name it: jlora.wrap(fn)(...,"
+        " adapter_ids=ids, adapter_ids_axis=k), k the batch axis of the"
+        " products' inputs (negative counts from the end, e.g. -2 for"
+        " (..., batch, features))")
+
+  def _example_ids(self, x, axis: int):
+    """Each row's adapter index along x's `axis`, n for no adapter.
+
+    A flattened (batch * seq, features) input repeats each id. Ids out of
+    -1..n-1 (possible only under jit, where values are unknown while
+    tracing) map to n + 1, whose scale is NaN: their examples' outputs are
+    NaN, never silently the base's.
     """
     n = len(self.group_scales)
-    batch = self.ids.shape[0]
-    size = None if example is None else x.shape[example]
-    if size is None or size % batch:
-      raise ValueError(
-          f"adapter_ids has {batch} entries, but the input of the product"
-          f" with '{self.path}' has shape {tuple(x.shape)}: its first"
-          " uncontracted axis must be the batch (or batch * sequence) axis")
-    ids = self.ids if size == batch else jnp.repeat(self.ids, size // batch)
-    # A negative id runs no adapter: it indexes past the end, filled with 0.
-    return jnp.where(ids < 0, n, ids)
+    ids = self.ids.ids
+    size, batch = x.shape[axis], ids.shape[0]
+    ids = ids if size == batch else jnp.repeat(ids, size // batch)
+    # -1 runs no adapter: it indexes past the end, filled with 0.
+    return jnp.where(ids == -1, n, jnp.where((ids < -1) | (ids >= n), n + 1,
+                                             ids))
 
   def _gather(self, factor, ids, letters=(), e=None):
     """(..., n * r) -> (..., E, r): each example's own adapter's factor.
@@ -553,12 +608,29 @@ class Factored:
                           policy=jax.checkpoint_policies.nothing_saveable)(
                               x, self.w)
 
-  def _dropout(self, x):
+  def _dropout(self, x, plan: "_Plan"):
+    """(dropped x, its einsum letters): the adapter path's input masked.
+
+    Each stacked index ``l`` of the kernel draws its own mask from its own
+    key ``rng[l]`` over the input's other axes, as one layer of a scan over
+    the stack does. A stacked axis that `x` lacks (one input, one product
+    per layer) is added to the dropped input.
+    """
     if self.rng is None:
-      return x
-    key = self.rng if self.rng.ndim == 0 else self.rng.reshape(-1)[0]
-    keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
-    return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+      return x, plan.xl
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      x = x.astype(self.w.dtype)  # 1 / (1 - p) must not truncate
+    sl = [l for l, r in zip(plan.kl, self.roles) if r == "b"]
+    rest = [l for l in plan.xl if l not in sl]
+    draw = lambda key: jax.random.bernoulli(
+        key, 1.0 - self.dropout, [x.shape[plan.xl.index(l)] for l in rest])
+    for _ in sl:
+      draw = jax.vmap(draw)
+    keep = draw(self.rng)  # letters sl + rest
+    letters = plan.xl + [l for l in sl if l not in plan.xl]
+    keep = jnp.transpose(keep, [(sl + rest).index(l) for l in letters])
+    x = x.reshape(*x.shape, *[1] * (len(letters) - x.ndim))
+    return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype), letters
 
   def _check_contraction(self, kc, kb) -> bool:
     """False (the mismatch recorded, or raised outside `wrap`) if the
@@ -602,7 +674,7 @@ class _Plan(NamedTuple):
   bl: list
   tl: list
   out: list
-  example: int | None
+  free: tuple  # x's axes neither contracted nor batch axes of the product
 
 
 def shared_input_products(kernels, x, kernel_is_rhs: bool, params: dict):
@@ -620,8 +692,9 @@ def shared_input_products(kernels, x, kernel_is_rhs: bool, params: dict):
       x.dtype, dtype)
   al = plan.al
   if first.group_scales:  # each kernel's per-example factors, gathered
-    ids = first._example_ids(x, plan.example)  # one adapter_ids per call
-    e = plan.xl[plan.example]
+    axis = first._example_axis(x, plan.free)
+    ids = first._example_ids(x, axis)  # one adapter_ids per call
+    e = plan.xl[axis]
     factors = [k._gather(k.a, ids, al, e) for k in kernels]
     al = _with_example(al, e)
   else:

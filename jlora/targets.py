@@ -16,6 +16,8 @@ import re
 import warnings
 from typing import Any, Callable, Sequence, Union
 
+import jax.numpy as jnp
+
 Selector = Union[str, Callable[[str, Any], bool], Sequence[Any], None]
 
 ALL_LINEAR = "all-linear"
@@ -76,8 +78,18 @@ def is_matrix(leaf: Any) -> bool:
   return shape is not None and len(shape) >= 2 and hasattr(leaf, "dtype")
 
 
-def _is_candidate(path: str, leaf: Any) -> bool:
+def is_floating(leaf: Any) -> bool:
+  """LoRA adapts floating-point kernels only: an integer or bool kernel
+  would truncate ``w + scale * a @ b``."""
+  return jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def _is_kernel_like(path: str, leaf: Any) -> bool:
   return is_matrix(leaf) and path.rsplit("/", 1)[-1] not in NON_KERNEL_NAMES
+
+
+def _is_candidate(path: str, leaf: Any) -> bool:
+  return _is_kernel_like(path, leaf) and is_floating(leaf)
 
 
 def is_linear_kernel(path: str, leaf: Any) -> bool:
@@ -91,6 +103,11 @@ def _as_list(selector: Selector) -> list[Any]:
     return []
   if isinstance(selector, (str, re.Pattern)) or callable(selector):
     return [selector]
+  if not isinstance(selector, (list, tuple, set, frozenset)):
+    raise TypeError(
+        f"a selector must be a regex string, a callable (path, leaf) -> bool,"
+        f" '{ALL_LINEAR}' or a list of them, got {type(selector).__name__}:"
+        f" {selector!r}")
   return list(selector)
 
 
@@ -98,7 +115,10 @@ def matcher(sel: Any) -> Callable[[str, Any], bool]:
   if isinstance(sel, str) and sel == ALL_LINEAR:
     return is_linear_kernel
   if isinstance(sel, (str, re.Pattern)):
-    rx = re.compile(sel)
+    try:
+      rx = re.compile(sel)
+    except re.error as e:
+      raise ValueError(f"target {sel!r} is not a valid regex: {e}") from None
     return lambda path, leaf: rx.search(path) is not None
   if callable(sel):
     return lambda path, leaf: bool(sel(path, leaf))
@@ -129,12 +149,24 @@ def select(leaves: list[tuple[str, Any]], targets: Selector = None,
   matrices = [(p, x) for p, x in leaves if _is_candidate(p, x)]
   all_paths = [p for p, _ in leaves]
   chosen: set[str] = set()
-  for sel in _as_list(targets) or [ALL_LINEAR]:
+  not_floating: list[str] = []
+  selectors = _as_list(targets)
+  if targets is not None and not selectors:
+    raise ValueError(
+        "targets=[] selects nothing; pass None for the default"
+        f" '{ALL_LINEAR}', or the regexes of the kernels to adapt")
+  for sel in selectors or [ALL_LINEAR]:
     match = matcher(sel)
     hits = [p for p, x in matrices if match(p, x)]
     if isinstance(sel, str) and sel == ALL_LINEAR:
       _check_all_linear(matrices, hits)
-    if not hits:
+    # An explicit target that picks an integer kernel is an error, never
+    # skipped silently ("all-linear" only looks at float kernels).
+    bad = [] if isinstance(sel, str) and sel == ALL_LINEAR else [
+        p for p, x in leaves if _is_kernel_like(p, x) and not is_floating(x)
+        and match(p, x)]
+    not_floating += bad
+    if not hits and not bad:
       others = [p for p, x in leaves if not _is_candidate(p, x) and match(p, x)]
       hint = (f" It matched only biases, scales or leaves with fewer than 2"
               f" axes: {others}." if others else "")
@@ -144,9 +176,23 @@ def select(leaves: list[tuple[str, Any]], targets: Selector = None,
           f" Closest paths: {near}. Targets are regexes searched in the"
           " '/'-joined path, e.g. r'(q_proj|v_proj)/kernel'.")
     chosen.update(hits)
+  excluded = set()
   for sel in _as_list(exclude):
     match = matcher(sel)
-    chosen -= {p for p, x in matrices if match(p, x)}
+    if not any(match(p, x) for p, x in leaves):
+      raise ValueError(
+          f"exclude {sel!r} matches no parameter, so it excludes nothing."
+          f" Closest paths: {_near_misses(sel, all_paths)}")
+    excluded |= {p for p, x in leaves if _is_kernel_like(p, x) and match(p, x)}
+  chosen -= excluded
+  not_floating = [p for p in dict.fromkeys(not_floating) if p not in excluded]
+  if not_floating:
+    dtypes = {p: str(x.dtype) for p, x in leaves if p in not_floating}
+    raise ValueError(
+        f"targets select kernels that are not floating point: {dtypes}. LoRA"
+        " adapts float kernels only (an integer or bool kernel would truncate"
+        " the update); narrow the targets or add exclude="
+        f"{[re.escape(p) for p in not_floating][:3]}")
   return [p for p, _ in matrices if p in chosen]
 
 
