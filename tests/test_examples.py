@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 import jlora
 import jlora.peft
@@ -103,6 +104,7 @@ def test_checkpointing_example_round_trips():
 
 
 def test_multi_adapter_example_mixes_adapters_per_example():
+  pytest.importorskip("evosax")  # its LoRAHub step; an optional extra
   out = _run_small("multi_adapter.py", "--steps", "150")
   diffs = re.findall(r"(base|A|B) +\d+ examples, max \|difference\| (\S+)",
                      out)
