@@ -462,8 +462,9 @@ class Factored:
     first = jax.lax.RaggedDotDimensionNumbers(
         ((tuple(lc), tuple(pa[k] for k in rc)),
          (tuple(lb), tuple(pa[k] for k in rb))), [m], [pa[g]])
-    t = jax.lax.ragged_dot_general(self._dropout(x), self.a.astype(dtype),
-                                   group_sizes, first, **options)
+    t = jax.lax.ragged_dot_general(self._dropout_rows(x),
+                                   self.a.astype(dtype), group_sizes, first,
+                                   **options)
     scale = jnp.asarray(self.scale, out_dtype)
     if self.group_scales:
       scale = self._row_scales(example_rows, t.shape)
@@ -608,6 +609,18 @@ class Factored:
                           policy=jax.checkpoint_policies.nothing_saveable)(
                               x, self.w)
 
+  def _dropout_rows(self, x):
+    """The ragged product's input masked: one mask over its rows, drawn
+    from the first expert's key (the rows meet their experts only inside
+    the grouped product)."""
+    if self.rng is None:
+      return x
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      x = x.astype(self.w.dtype)
+    key = self.rng if self.rng.ndim == 0 else self.rng.reshape(-1)[0]
+    keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+
   def _dropout(self, x, plan: "_Plan"):
     """(dropped x, its einsum letters): the adapter path's input masked.
 
@@ -626,7 +639,14 @@ class Factored:
         key, 1.0 - self.dropout, [x.shape[plan.xl.index(l)] for l in rest])
     for _ in sl:
       draw = jax.vmap(draw)
-    keep = draw(self.rng)  # letters sl + rest
+    keys = self.rng
+    if self.selected and keys.ndim:
+      # Experts gathered per row (w[expert_ids]) repeat their keys; folding in
+      # the row's position keeps rows that share an expert independent.
+      flat = keys.reshape(-1)
+      keys = jax.vmap(jax.random.fold_in)(
+          flat, jnp.arange(flat.shape[0], dtype=jnp.uint32)).reshape(keys.shape)
+    keep = draw(keys)  # letters sl + rest
     letters = plan.xl + [l for l in sl if l not in plan.xl]
     keep = jnp.transpose(keep, [(sl + rest).index(l) for l in letters])
     x = x.reshape(*x.shape, *[1] * (len(letters) - x.ndim))

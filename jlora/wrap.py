@@ -120,7 +120,10 @@ def wrap(fn: Callable[..., Any], *, share_inputs: bool = True,
   its product's input without the stacked axes. So each layer of a stack
   has its own mask, whether the stack is scanned over or multiplied
   batch-wise (e.g. ``einsum('lbi,lio->lbo')``), with the same masks either
-  way.
+  way. An expert selected by an index (``w[i]``, ``dynamic_slice``) uses its
+  own key ``keys[i]``; experts gathered per row (``w[expert_ids]``, row
+  ``t``) use ``jax.random.fold_in(keys[expert_ids[t]], t)`` over that row;
+  ``ragged_dot`` draws one mask over all rows from ``keys[0]``.
 
   Adapters that read the same input with the same contraction (q/k/v
   projections, gate/up) compute their ``x @ a`` as one product against the

@@ -400,15 +400,14 @@ def _documented_masks(rng, n, shape, p=0.5):
                    for k in keys])
 
 
-@pytest.mark.parametrize("use", ["batched_einsum", "shared_input_einsum",
-                                 "batched_dot_general", "scan", "jit_scan"])
+@pytest.mark.parametrize("use", ["batched_einsum", "batched_dot_general",
+                                 "scan", "jit_scan"])
 def test_dropout_masks_differ_per_layer_and_follow_the_key_derivation(use):
   w, node = _identity_stack()
   x = jax.random.normal(jax.random.key(4), (B_, I_)) + 3.0  # never 0
   xs = jnp.broadcast_to(x, (L, B_, I_))
   fns = {
       "batched_einsum": lambda p: jnp.einsum("lbi,lio->lbo", xs, p["w"]),
-      "shared_input_einsum": lambda p: jnp.einsum("bi,lio->lbo", x, p["w"]),
       "batched_dot_general": lambda p: jax.lax.dot_general(
           xs, p["w"], (((2,), (1,)), ((0,), (0,)))),
       "scan": lambda p: jax.lax.scan(lambda c, w: (c, x @ w), 0.0,
@@ -453,10 +452,20 @@ def test_bad_lora_rng_names_the_accepted_forms(rng):
     jlora.wrap(fn)(lp, X, lora_rng=rng)
 
 
+def test_stacked_axis_kept_by_a_shared_input_product_is_a_layout_error():
+  # 'bi,lio->lbo' reads like gemma's heads under a 'bio' layout: one adapter
+  # per head, so it is refused rather than guessed; a batched input works.
+  _, node = _identity_stack()
+  x = jnp.ones((B_, I_))
+  with pytest.raises(jlora.LayoutError, match=r"'w'.*it fits 'oio'"):
+    jlora.wrap(lambda p: jnp.einsum("bi,lio->lbo", x, p["w"]))({"w": node})
+
+
 def test_vmap_over_dropout_keys():
   w, node = _identity_stack()
   x = jax.random.normal(jax.random.key(4), (B_, I_)) + 3.0
-  f = jlora.wrap(lambda p, x: jnp.einsum("bi,lio->lbo", x, p["w"]))
+  f = jlora.wrap(lambda p, x: jnp.einsum(
+      "lbi,lio->lbo", jnp.broadcast_to(x, (L, B_, I_)), p["w"]))
   keys = jax.random.split(jax.random.key(8), 2)
   many = jax.vmap(lambda k: f({"w": node}, x, lora_rng=k))(keys)
   for i in range(2):
