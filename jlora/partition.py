@@ -170,7 +170,8 @@ def combine(trainable: Any, frozen: Any) -> Any:
   Example:
     >>> lp = jlora.combine(*jlora.partition(lp))
   """
-  is_leaf = lambda x: x is None or is_lora(x)
+  # Quantized kernels are one leaf, as partition sees them.
+  is_leaf = lambda x: x is None or _paths.is_leaf(x)
   t_flat, t_def = jax.tree_util.tree_flatten_with_path(trainable,
                                                        is_leaf=is_leaf)
   f_flat, f_def = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_leaf)

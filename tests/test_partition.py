@@ -287,3 +287,19 @@ def test_grad_through_merge_equals_grad_through_wrap():
       {"params": jlora.combine(t, frozen)}, x)))(trainable)
   for a, b in zip(jax.tree.leaves(g_merge), jax.tree.leaves(g_wrap)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_combine_round_trips_with_quantized_frozen_kernels():
+  # A quantized kernel left without an adapter is one frozen leaf (None in
+  # the trainable half), not a tree of codes and scales.
+  k1, k2 = jax.random.split(jax.random.key(5))
+  params = {"q": {"kernel": jax.random.normal(k1, (64, 64))},
+            "v": {"kernel": jax.random.normal(k2, (64, 64))}}
+  qp = jlora.quantize(params, "nf4")
+  lp = jlora.apply(qp, rank=2, targets="q", key=k1)
+  t, f = jlora.partition(lp)
+  assert t["v"]["kernel"] is None
+  back = jax.jit(jlora.combine)(t, f)
+  np.testing.assert_array_equal(
+      np.asarray(jlora.dequantize(back["v"]["kernel"])),
+      np.asarray(jlora.dequantize(qp["v"]["kernel"])))
