@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora import _fp8
+from jlora._shapes import reshape_groups
 from jlora._quant_array import is_quantized
 from jlora.node import LoRA, _to_kernel_layout, base_array, is_multi
 from jlora.targets import format_layout_dict, path_regex
@@ -237,7 +238,7 @@ class Factored:
     """Reshape that only splits/merges axes of one role; else None."""
     old = tuple(self.w.shape)
     new = tuple(int(s) for s in new_shape)
-    groups = _reshape_groups(old, new)
+    groups = reshape_groups(old, new)
     if groups is None:
       return None
     roles, orig = [], []
@@ -395,7 +396,6 @@ class Factored:
       return self._base_product(x, kernel_is_rhs, bind)
     xl, kl, al, bl, tl, out = (plan.xl, plan.kl, plan.al, plan.bl, plan.tl,
                                plan.out)
-    r = al[-1]
     base = self._base_product(x, kernel_is_rhs, bind, params)
 
     dtype = self.w.dtype
@@ -763,23 +763,3 @@ def _transpose(w, perm):
   if is_quantized(w):
     return w.transpose(perm)  # dequantizes unless perm is the identity
   return jnp.transpose(w, perm)
-
-
-def _reshape_groups(old, new):
-  """Pairs (old axes, new axes) of contiguous groups with equal products."""
-  groups, i, j = [], 0, 0
-  while i < len(old) or j < len(new):
-    gi, gj, po, pn = [], [], 1, 1
-    if i < len(old):
-      po *= old[i]; gi.append(i); i += 1
-    if j < len(new):
-      pn *= new[j]; gj.append(j); j += 1
-    while po != pn:
-      if po < pn and i < len(old):
-        po *= old[i]; gi.append(i); i += 1
-      elif pn < po and j < len(new):
-        pn *= new[j]; gj.append(j); j += 1
-      else:
-        return None
-    groups.append((gi, gj))
-  return groups

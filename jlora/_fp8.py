@@ -57,8 +57,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+
+from jlora._shapes import reshape_groups
 
 Array = Any
 
@@ -239,7 +240,7 @@ class Fp8Array:
       shape = tuple(self.size // known if s == -1 else s for s in shape)
     if shape == self.shape:
       return self
-    groups = _reshape_groups(self.shape, shape)
+    groups = reshape_groups(self.shape, shape)
     if groups is None:
       return self.dequantize().reshape(shape)
     scale_shape = []
@@ -258,26 +259,6 @@ _dequantize_jit = jax.jit(Fp8Array._dequantize, static_argnums=1)
 
 def is_fp8(x: Any) -> bool:
   return isinstance(x, Fp8Array)
-
-
-def _reshape_groups(old, new):
-  """Pairs (old axes, new axes) of contiguous groups with equal products."""
-  groups, i, j = [], 0, 0
-  while i < len(old) or j < len(new):
-    gi, gj, po, pn = [], [], 1, 1
-    if i < len(old):
-      po *= old[i]; gi.append(i); i += 1
-    if j < len(new):
-      pn *= new[j]; gj.append(j); j += 1
-    while po != pn:
-      if po < pn and i < len(old):
-        po *= old[i]; gi.append(i); i += 1
-      elif pn < po and j < len(new):
-        pn *= new[j]; gj.append(j); j += 1
-      else:
-        return None
-    groups.append((gi, gj))
-  return groups
 
 
 def check_options(scaling: str, product: str) -> None:

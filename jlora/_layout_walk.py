@@ -22,7 +22,7 @@ try:  # source lines only make error messages better
 except ImportError:  # pragma: no cover
   source_info_util = None
 
-from jlora._factored import _reshape_groups
+from jlora._shapes import reshape_groups
 from jlora._interpreter import _closed, _scan_layout
 
 _Literal = jex_core.Literal
@@ -208,7 +208,7 @@ class Walk:
       return None
     old = tuple(eqn.invars[0].aval.shape)
     new = tuple(eqn.outvars[0].aval.shape)
-    groups = _reshape_groups(old, new)
+    groups = reshape_groups(old, new)
     if groups is None:
       return None
     axes, gathered = [], []

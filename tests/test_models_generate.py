@@ -14,13 +14,13 @@ transformers = pytest.importorskip("transformers")
 
 from helpers import TINY_HF  # noqa: E402
 
-from jlora.models import (
+from jlora.models import (  # noqa: E402
   LlamaForCausalLM,
   ModelConfig,
   from_state_dict,
   generate,
   sample_logits,
-)  # noqa: E402
+)
 
 TINY = dict(TINY_HF, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 FAMILIES = {

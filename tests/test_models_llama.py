@@ -18,12 +18,12 @@ transformers = pytest.importorskip("transformers")
 
 from helpers import TINY_HF  # noqa: E402
 
-from jlora.models import (
+from jlora.models import (  # noqa: E402
   LlamaForCausalLM,
   ModelConfig,
   from_state_dict,
   init_cache,
-)  # noqa: E402
+)
 
 TINY = dict(TINY_HF, max_position_embeddings=64)
 LLAMA3_ROPE = {
