@@ -653,6 +653,13 @@ def load(directory: str | os.PathLike, params: Any, *, dtype: Any = None,
         f"target_modules={config['target_modules']!r} matches no linear"
         f" kernel of params{params_hint}; module names look like"
         f" {sorted(known)[:3]}")
+  if config["target_parameters"] and not wrapped:
+    # PEFT raises the same way when it wraps no parameter.
+    raise PeftFormatError(
+        f"target_parameters={config['target_parameters']!r} matches no"
+        " stacked expert kernel (a 'bio' (experts, in, out) leaf named"
+        " 'kernel') of params; parameter keys look like"
+        f" {sorted({n for m in experts for n in m.names})[:2]}")
   for name in sorted(set(groups) - file_names):
     key = f"{cfg.KEY_PREFIX}{name}.{next(iter(groups[name]))}"
     why = ("is not targeted by the config's target_modules /"
