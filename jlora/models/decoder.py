@@ -60,6 +60,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from jlora.models import _attention
+from jlora.models._moe import SparseMoE, token_mask
 from jlora.models._rope import apply_rope, cos_sin
 from jlora.models.config import ModelConfig
 
@@ -465,7 +466,13 @@ class DecoderLayer(_Sub):
     attn_out, cache = Attention(
       c, self.dtype, self.param_dtype, self.attention, name="self_attn"
     )(self.norm("input_layernorm")(h), kind, ctx, cache)
-    mlp = MLP(c, self.dtype, self.param_dtype, name="mlp")
+    if c.num_experts:  # Mixture of experts: jlora/models/_moe.py
+      mlp = functools.partial(
+        SparseMoE(c, self.dtype, self.param_dtype, name="mlp"),
+        valid=token_mask(ctx),
+      )
+    else:
+      mlp = MLP(c, self.dtype, self.param_dtype, name="mlp")
     if c.sandwich_norms:
       h = h + self.norm("post_attention_layernorm")(attn_out)
       out = mlp(self.norm("pre_feedforward_layernorm")(h))
@@ -670,7 +677,8 @@ class Decoder(_Options):
     if self.scan_layers:
       self.layers = nn.scan(
         layer_cls,
-        variable_axes={"params": 0},
+        # "intermediates": per-layer values sown (MoE routing statistics).
+        variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast),
         length=c.num_layers,

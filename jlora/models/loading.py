@@ -19,6 +19,7 @@ With `scan_layers=True`, `model.layers.<i>.<rest>` for every i are stacked into
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -33,6 +34,7 @@ import ml_dtypes  # noqa: F401
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jlora.models import _moe_loading
 from jlora.models.config import ModelConfig
 from jlora.models.decoder import CausalLM
 
@@ -287,17 +289,41 @@ def _to_numpy(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
-def _sources(path: str, model: CausalLM) -> list[str]:
-  """HF keys feeding the leaf at `path` (one per layer when scanned)."""
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """The HF tensors of one leaf (of one layer when stacked), their shapes,
+  and how they become the leaf's array."""
+
+  keys: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
+  build: Callable[[list[np.ndarray]], np.ndarray]
+
+
+def _transpose(xs):
+  return xs[0].T
+
+
+def _as_is(xs):
+  return xs[0]
+
+
+def _sources(path: str, model: CausalLM, struct, available) -> list[_Source]:
+  """How to read the leaf at `path` (one `_Source` per layer when scanned)."""
   parts = path.split("/")
+  if model.config.num_experts and _moe_loading.is_expert_leaf(path):
+    return _moe_loading.sources(path, model, available, _Source)
   suffix = "bias" if parts[-1] == "bias" else "weight"
+  kernel = parts[-1] == "kernel"
+  per_layer = struct.shape[1:] if _stacked(path, model) else struct.shape
+  shape = (tuple(per_layer[::-1]) if kernel else tuple(per_layer),)
+  build = _transpose if kernel else _as_is
   if model.scan_layers and parts[:2] == ["model", "layers"]:
     rest = ".".join(parts[2:-1])
     return [
-      f"model.layers.{i}.{rest}.{suffix}"
+      _Source((f"model.layers.{i}.{rest}.{suffix}",), shape, build)
       for i in range(model.config.num_layers)
     ]
-  return [".".join(parts[:-1] + [suffix])]
+  return [_Source((".".join(parts[:-1] + [suffix]),), shape, build)]
 
 
 def _default_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
@@ -348,9 +374,12 @@ def _assemble(
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))
   expected = traverse_util.flatten_dict(shapes["params"], sep="/")
   available = set(keys)
-  plan = {path: _sources(path, model) for path in expected}
+  plan = {
+    path: _sources(path, model, struct, available)
+    for path, struct in expected.items()
+  }
 
-  needed = {k for ks in plan.values() for k in ks}
+  needed = {k for srcs in plan.values() for src in srcs for k in src.keys}
   missing = sorted(needed - available)
   if missing:
     raise CheckpointMismatchError(
@@ -371,17 +400,16 @@ def _assemble(
       "(num_hidden_layers, tie_word_embeddings, model_type) belongs to these "
       "weights"
     )
-  for path, struct in expected.items():
-    per_layer = struct.shape[1:] if _stacked(path, model) else struct.shape
-    hf_shape = per_layer[::-1] if path.endswith("kernel") else per_layer
-    for k in plan[path]:
-      found = tuple(shape_of(k))
-      if found != tuple(hf_shape):
-        raise CheckpointMismatchError(
-          f"tensor {k!r} in {where(k)} has shape {found}, expected "
-          f"{tuple(hf_shape)} for parameter {path!r}; config.json does not "
-          "match the weights"
-        )
+  for path in expected:
+    for src in plan[path]:
+      for k, hf_shape in zip(src.keys, src.shapes):
+        found = tuple(shape_of(k))
+        if found != tuple(hf_shape):
+          raise CheckpointMismatchError(
+            f"tensor {k!r} in {where(k)} has shape {found}, expected "
+            f"{tuple(hf_shape)} for parameter {path!r}; config.json does not "
+            "match the weights"
+          )
 
   rule = _sharding_rule(mesh, shardings)
   hook = quantize
@@ -404,18 +432,17 @@ def _stacked(path: str, model: CausalLM) -> bool:
   return model.scan_layers and path.startswith("model/layers/")
 
 
-def _read_leaf(path, keys, struct, read, model) -> np.ndarray:
-  transpose = path.endswith("kernel")
-
-  def one(k):
-    x = read(k)
-    return (x.T if transpose else x).astype(struct.dtype, copy=False)
+def _read_leaf(path, sources, struct, read, model) -> np.ndarray:
+  def one(src):
+    return src.build([read(k) for k in src.keys]).astype(
+      struct.dtype, copy=False
+    )
 
   if not _stacked(path, model):
-    return one(keys[0])
+    return one(sources[0])
   # Fill a preallocated stack layer by layer: one stacked parameter in host
   # memory at a time.
   out = np.empty(struct.shape, struct.dtype)
-  for i, k in enumerate(keys):
-    out[i] = one(k)
+  for i, src in enumerate(sources):
+    out[i] = one(src)
   return out
