@@ -16,11 +16,18 @@ Rows:
   8b_fsdp2      the same, FSDP over 2 GPUs (params and adapters sharded)
   70b_qlora     Llama-3-70B shape, NF4 + double quantization made layer by
                 layer (`from_config(quantize="nf4")`), batch 1 x 4096, one
-                GPU; remat "full" with the layer inputs and the gate/up
-                outputs offloaded to pinned host memory (nothing of them on
-                the device; the backward pass recomputes only attention)
-  70b_qlora_lean  the same, only the layer inputs offloaded (the least device
-                memory; gate/up recomputed)
+                GPU; remat "full" with each layer's input offloaded to
+                pinned host memory (residuals: 5 GiB that the device cannot
+                spare under 44 GiB), chunked cross-entropy
+  70b_qlora_fast  the same with the gate/up outputs offloaded too, so the
+                backward pass recomputes only the attention block (0.47 s
+                less matmul work per step), under XLA's latency-hiding
+                scheduler; pays only if the 40 GiB of host copies each way
+                overlap with compute
+  70b_qlora_matmuls  remat "matmuls" on the device, nothing offloaded: no
+                matmul recomputed (the speed ceiling), about 90 GiB
+  70b_qlora_hostopt  70b_qlora with AdamW's state in pinned host memory
+                (1.5 GiB less on the device)
   70b_qlora_long  the longest context at batch 1: candidate lengths
                 (--contexts) are first compiled only (XLA's memory analysis
                 against the device's and the host's memory, bisected), then
@@ -67,6 +74,7 @@ TINY_SHAPES = {
                 vocab=256),
 }
 OFFLOAD_FAST = "decoder_input+gate_proj+up_proj"
+LHS = "--xla_gpu_enable_latency_hiding_scheduler=true"
 
 
 @dataclasses.dataclass
@@ -88,6 +96,7 @@ class Row:
   warmup: int = 2
   timeout: float = 540.0
   baseline: str | None = None  # the 1-GPU row this one scales from
+  flags: str = ""  # XLA_FLAGS added for this row's process
 
 
 ROWS = {
@@ -97,12 +106,18 @@ ROWS = {
                     remat="matmuls", steps=10, warmup=3, baseline="8b_1"),
     "8b_fsdp2": Row("8b", 2, "FSDP", 2, 2048, mesh="fsdp:2", remat="matmuls",
                     steps=10, warmup=3, baseline="8b_1"),
-    "70b_qlora": Row("70b", 1, "QLoRA NF4, offload inputs+gate+up", 1, 4096,
-                     quantize="nf4", offload=OFFLOAD_FAST, steps=4,
+    "70b_qlora": Row("70b", 1, "QLoRA NF4, full remat, inputs to host", 1,
+                     4096, quantize="nf4", offload="decoder_input", steps=4,
                      warmup=1),
-    "70b_qlora_lean": Row("70b", 1, "QLoRA NF4, offload inputs", 1, 4096,
-                          quantize="nf4", offload="decoder_input", steps=4,
-                          warmup=1),
+    "70b_qlora_fast": Row("70b", 1, "QLoRA NF4, inputs+gate+up to host", 1,
+                          4096, quantize="nf4", offload=OFFLOAD_FAST,
+                          steps=4, warmup=1, flags=LHS),
+    "70b_qlora_matmuls": Row("70b", 1, "QLoRA NF4, remat matmuls", 1, 4096,
+                             quantize="nf4", remat="matmuls", steps=4,
+                             warmup=1),
+    "70b_qlora_hostopt": Row("70b", 1, "QLoRA NF4, inputs+AdamW to host", 1,
+                             4096, quantize="nf4", offload="decoder_input",
+                             opt="host", steps=4, warmup=1),
     "70b_qlora_long": Row("70b", 1, "QLoRA NF4, longest context", 1, 0,
                           quantize="nf4", offload="decoder_input",
                           contexts=(65536, 98304, 131072), steps=1,
@@ -112,8 +127,8 @@ ROWS = {
     "70b_peft_bnb": Row("70b", 1, "PEFT + bitsandbytes NF4", 1, 4096,
                         system="peft_bnb", steps=2, warmup=1),
 }
-DEFAULT_ROWS = ("8b_1", "8b_data2", "8b_fsdp2", "70b_qlora", "70b_qlora_long",
-                "70b_fsdp2", "70b_peft_bnb")
+DEFAULT_ROWS = ("8b_1", "8b_data2", "8b_fsdp2", "70b_qlora", "70b_qlora_fast",
+                "70b_qlora_long", "70b_fsdp2", "70b_peft_bnb")
 
 
 def shape_of(row: Row, tiny: bool) -> dict:
@@ -245,6 +260,17 @@ def _host_available() -> float | None:
   return None
 
 
+def offloaded_bytes(row: Row, shape: dict, seq: int) -> int:
+  """Bytes of pinned host memory the row's offloaded residuals take."""
+  h, i = shape["hidden"], shape["inter"]
+  kv = shape["kv_heads"] * h // shape["heads"]
+  width = {"decoder_input": h, "q_proj": h, "attention": h, "o_proj": h,
+           "k_proj": kv, "v_proj": kv, "gate_proj": i, "up_proj": i,
+           "down_proj": h}
+  names = [n for n in row.offload.split("+") if n]
+  return shape["layers"] * row.batch * seq * 2 * sum(width[n] for n in names)
+
+
 def probe_contexts(row: Row, shape: dict, on_gpu: bool, limit: float | None,
                    log) -> tuple[int | None, list]:
   """The longest of `row.contexts` whose step XLA says fits, bisected.
@@ -266,9 +292,10 @@ def probe_contexts(row: Row, shape: dict, on_gpu: bool, limit: float | None,
     x = jax.ShapeDtypeStruct((row.batch, seq), "int32")
     try:
       fp = _footprint(step.step.lower(t, o, f, x, x).compile())
+      fp["offloaded_gib"] = offloaded_bytes(row, shape, seq) / 2**30
       device_ok = limit is None or fp.get("xla_gib", 0) * 2**30 < 0.97 * limit
-      host_ok = host is None or fp.get("xla_host_temp_gib", 0) * 2**30 < (
-          0.85 * host)
+      host_need = max(fp.get("xla_host_temp_gib", 0), fp["offloaded_gib"])
+      host_ok = host is None or host_need * 2**30 < 0.85 * host
       fits = device_ok and host_ok
     except Exception as e:  # noqa: BLE001  (compile-time OOM and the like)
       fp, fits = {"error": str(e)[:200]}, False
@@ -496,6 +523,9 @@ def _run_row(name: str, row: Row, args, env) -> dict:
   if args.probe_limit_gib:
     cmd += ["--probe-limit-gib", str(args.probe_limit_gib)]
   timeout = min(row.timeout, args.timeout) if args.timeout else row.timeout
+  if row.flags and not args.tiny:  # GPU flags: the CPU backend rejects them
+    env = dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") + " " +
+                               row.flags).strip())
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -526,12 +556,12 @@ def _fraction(r: dict) -> float | None:
 
 
 def report(results: list[dict]) -> str:
-  head = (f"{'row':<16}{'GPUs':>5}  {'strategy':<36}{'tokens':>8}"
+  head = (f"{'row':<19}{'GPUs':>5}  {'strategy':<36}{'tokens':>8}"
           f"{'tokens/s':>10}{'peak GiB/GPU':>14}{'floor @790':>12}")
   lines = [head, "-" * len(head)]
   done = {r["row"]: r for r in results if "tokens_per_s" in r}
   for r in results:
-    name = f"{r['row']:<16}{r['gpus']:>5}  {r['strategy']:<36}"
+    name = f"{r['row']:<19}{r['gpus']:>5}  {r['strategy']:<36}"
     if "skipped" in r or "error" in r:
       why = r.get("skipped") or "error: " + r["error"]
       lines.append(name + why[:300])
