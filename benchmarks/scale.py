@@ -185,8 +185,8 @@ class Step:
 
     import jlora
     from jlora.models import CausalLM
-    from jlora.models.losses import causal_lm_loss
     from jlora.models.decoder import REMAT_POLICIES
+    from jlora.models.losses import causal_lm_loss
 
     self.cfg = cfg = _config(shape, seq)
     remat = row.remat if row.remat in REMAT_POLICIES else tuple(
@@ -237,7 +237,6 @@ class Step:
 
 
 def _batch(shape, rows, seq, mesh):
-  import jax
   import jax.numpy as jnp
   import numpy as np
   ids = np.random.default_rng(0).integers(0, shape["vocab"], (rows, seq + 1),
@@ -343,7 +342,7 @@ def run_jlora(row: Row, tiny: bool, limit_gib: float | None) -> dict:
   key = jax.random.key(0)
 
   t0 = time.perf_counter()
-  model, params = models.from_config(
+  _, params = models.from_config(
       step.cfg, key, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
       scan_layers=True, quantize=row.quantize,
       shardings=None if mesh is None else sharding.param_rule(mesh))

@@ -543,7 +543,9 @@ def _init_by_layer(model: CausalLM, key, rule, hook) -> Params:
   """
   config, n = model.config, model.config.num_layers
   dummy = jnp.zeros((1, 1), jnp.int32)
-  flat = lambda tree: traverse_util.flatten_dict(tree, sep="/")  # noqa: E731
+  def flat(tree):
+    return traverse_util.flatten_dict(tree, sep="/")
+
   expected = flat(jax.eval_shape(model.init, key, dummy)["params"])
   one = CausalLM(_one_layer(config), model.dtype, model.param_dtype, False,
                  "none", model.attention)
