@@ -500,7 +500,7 @@ def _eval_var(var, jaxpr, env):
 def _example_rows(lhs_var, lhs, kernel):
   """The example of each row of a ragged_dot's input, (rows,) int32."""
   from jlora._interpreter import current_frame
-  batch = kernel.ids.shape[0]
+  batch = kernel.ids.ids.shape[0]
   numbers, tokens, moved = _row_numbers(lhs_var, current_frame())
   if lhs.ndim != 2 or not moved or tokens % batch:
     found = (f"come from an array of {tokens} rows" if moved else

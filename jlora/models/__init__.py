@@ -9,6 +9,7 @@ Example:
   >>> tokens = generate(model, params, prompt_ids, max_new_tokens=32)
 """
 
+from jlora.models import sharding
 from jlora.models.config import ModelConfig, RopeConfig
 from jlora.models.generate import generate, sample_logits
 from jlora.models.decoder import (
@@ -22,6 +23,7 @@ from jlora.models.decoder import (
   remat_policy,
 )
 from jlora.models.losses import causal_lm_loss, chunked_cross_entropy
+from jlora.models.export import save_pretrained, to_hf_config
 from jlora.models.loading import (
   CheckpointMismatchError,
   from_config,
@@ -50,4 +52,7 @@ __all__ = [
   "init_cache",
   "load_tokenizer",
   "sample_logits",
+  "save_pretrained",
+  "sharding",
+  "to_hf_config",
 ]
