@@ -74,7 +74,11 @@ REMAT_POLICIES = (
 # before o_proj ("attention"). With a fused attention kernel (cuDNN)
 # "attention" instead selects the kernel's own residuals, its output and
 # softmax statistics, so that the output is not stored twice.
+# "decoder_input" is the layer's input (the residual stream), which every
+# remat policy keeps: offloading it (remat="full", offload=("decoder_input",))
+# moves the per-layer residuals of a long or 70B step to host memory.
 CHECKPOINT_NAMES = (
+  "decoder_input",
   "q_proj",
   "k_proj",
   "v_proj",
@@ -462,6 +466,9 @@ class DecoderLayer(_Sub):
   def __call__(self, carry, xs, ctx: _Context):
     c = self.config
     h, cache = carry
+    # Every use of the layer's input goes through this name, so a policy that
+    # offloads it leaves no device copy of the residual stream behind.
+    h = checkpoint_name(h, "decoder_input")
     kind = self.kind if self.kind is not None else xs
     attn_out, cache = Attention(
       c, self.dtype, self.param_dtype, self.attention, name="self_attn"
