@@ -1,7 +1,8 @@
 """Flax (linen) decoder-only causal LMs that load HuggingFace checkpoints.
 
-Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3, one
-decoder (`CausalLM`) whose family differences are `ModelConfig` fields.
+Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text), Phi-3 and the
+Mixture-of-Experts Mixtral and Qwen3-MoE, one decoder (`CausalLM`) whose
+family differences are `ModelConfig` fields.
 
 Example:
   >>> from jlora.models import from_pretrained, generate
@@ -23,6 +24,7 @@ from jlora.models.decoder import (
   remat_policy,
 )
 from jlora.models.losses import causal_lm_loss, chunked_cross_entropy
+from jlora.models._moe import load_balancing_loss
 from jlora.models.export import save_pretrained, to_hf_config
 from jlora.models.loading import (
   CheckpointMismatchError,
@@ -50,6 +52,7 @@ __all__ = [
   "from_state_dict",
   "generate",
   "init_cache",
+  "load_balancing_loss",
   "load_tokenizer",
   "sample_logits",
   "save_pretrained",

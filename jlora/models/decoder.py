@@ -60,6 +60,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from jlora.models import _attention
+from jlora.models._moe import SparseMoE, token_mask
 from jlora.models._rope import apply_rope, cos_sin
 from jlora.models.config import ModelConfig
 
@@ -73,7 +74,11 @@ REMAT_POLICIES = (
 # before o_proj ("attention"). With a fused attention kernel (cuDNN)
 # "attention" instead selects the kernel's own residuals, its output and
 # softmax statistics, so that the output is not stored twice.
+# "decoder_input" is the layer's input (the residual stream), which every
+# remat policy keeps: offloading it (remat="full", offload=("decoder_input",))
+# moves the per-layer residuals of a long or 70B step to host memory.
 CHECKPOINT_NAMES = (
+  "decoder_input",
   "q_proj",
   "k_proj",
   "v_proj",
@@ -461,11 +466,20 @@ class DecoderLayer(_Sub):
   def __call__(self, carry, xs, ctx: _Context):
     c = self.config
     h, cache = carry
+    # Every use of the layer's input goes through this name, so a policy that
+    # offloads it leaves no device copy of the residual stream behind.
+    h = checkpoint_name(h, "decoder_input")
     kind = self.kind if self.kind is not None else xs
     attn_out, cache = Attention(
       c, self.dtype, self.param_dtype, self.attention, name="self_attn"
     )(self.norm("input_layernorm")(h), kind, ctx, cache)
-    mlp = MLP(c, self.dtype, self.param_dtype, name="mlp")
+    if c.num_experts:  # Mixture of experts: jlora/models/_moe.py
+      mlp = functools.partial(
+        SparseMoE(c, self.dtype, self.param_dtype, name="mlp"),
+        valid=token_mask(ctx),
+      )
+    else:
+      mlp = MLP(c, self.dtype, self.param_dtype, name="mlp")
     if c.sandwich_norms:
       h = h + self.norm("post_attention_layernorm")(attn_out)
       out = mlp(self.norm("pre_feedforward_layernorm")(h))
@@ -670,7 +684,8 @@ class Decoder(_Options):
     if self.scan_layers:
       self.layers = nn.scan(
         layer_cls,
-        variable_axes={"params": 0},
+        # "intermediates": per-layer values sown (MoE routing statistics).
+        variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast),
         length=c.num_layers,
