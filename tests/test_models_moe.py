@@ -12,7 +12,6 @@ weight drawn with a realistic scale so that routing differs per token.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
