@@ -19,6 +19,16 @@ def _blocks(page: pathlib.Path) -> list[str]:
   return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
 
 
+# What some pages must print: facts the prose states next to the code.
+EXPECTED = {
+    "guides/quickstart.md": ["(128, 8)"],
+    "guides/other-libraries.md": [
+        "{'o/kernel': 'iio', 'q/kernel': 'ioo', 'v/kernel': 'oio'}",
+        "{'down/kernel': 'ioo', 'up/kernel': 'oi'}"],
+    "guides/checkpoints.md": ["100 {'epoch': 1}"],
+}
+
+
 def test_there_are_pages_with_code():
   assert len(PAGES) >= 5
 
@@ -30,4 +40,7 @@ def test_page_code_runs(page, capsys, tmp_path, monkeypatch):
   for block in _blocks(page):
     exec(compile(block, str(page), "exec"), namespace)
   # Pages print what they compute; nothing printed means nothing ran.
-  assert capsys.readouterr().out.strip()
+  out = capsys.readouterr().out
+  assert out.strip()
+  for expected in EXPECTED.get(str(page.relative_to(DOCS)), []):
+    assert expected in out
