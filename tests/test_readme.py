@@ -19,7 +19,7 @@ def _blocks():
 
 def test_readme_blocks_run(capsys):
   blocks = _blocks()
-  assert len(blocks) >= 2
+  assert len(blocks) >= 1  # the quick start
   namespace: dict = {}
   for block in blocks:
     exec(compile(block, str(README), "exec"), namespace)
