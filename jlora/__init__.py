@@ -1,8 +1,9 @@
 """jlora: LoRA fine-tuning as a pure pytree transform over Flax params.
 
->>> lp = jlora.apply(params, rank=8, targets="q_proj|v_proj", key=key)
->>> trainable, frozen = jlora.partition(lp)
->>> logits = jlora.wrap(model.apply)({"params": jlora.combine(trainable, frozen)}, x)
+Examples:
+  >>> lp = jlora.apply(params, rank=8, targets="q_proj|v_proj", key=key)
+  >>> trainable, frozen = jlora.partition(lp)
+  >>> logits = jlora.wrap(model.apply)({"params": jlora.combine(trainable, frozen)}, x)
 """
 
 import importlib

@@ -122,7 +122,7 @@ class Fp8Array:
       against a per-channel kernel and per tensor against a per-tensor one.
     product (static): "auto", "fp8" or "upcast": where products run FP8.
 
-  Example:
+  Examples:
     >>> q = jlora.quantize({"k": {"kernel": w}}, "fp8")["k"]["kernel"]
     >>> q.values.dtype, q.scale.shape        # w: (64, 128)
     (dtype(float8_e4m3fn), (1, 128))

@@ -457,7 +457,7 @@ def quantize_array(x: Array, method: str = "nf4", *, block_size: int = 64,
       in it (under `jit` they are saturated instead; see the module
       docstring).
 
-  Example:
+  Examples:
     >>> q = quantize_array(w, "nf4", name="dense/kernel")
     >>> q.dequantize(jnp.float32).shape == w.shape
     True

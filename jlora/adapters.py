@@ -13,7 +13,7 @@ config (rank, alpha, layout) give the same pytree structure, so switching
 never retraces; the set itself carries its active name as static data, so a
 step that takes the whole set retraces when `set_active` changes it.
 
-Example:
+Examples:
   >>> adapters = jlora.add_adapter(params, "sql", lp_sql)
   >>> adapters = jlora.add_adapter(adapters, "chat", lp_chat)
   >>> lp = jlora.select(adapters, "sql")
@@ -214,7 +214,7 @@ def add_adapter(tree: Any, name: str, other: Any, *, activate: bool = False,
   Returns:
     A new set; the base arrays are shared, never copied.
 
-  Example:
+  Examples:
     >>> s = jlora.add_adapter(lp_sql, "chat", lp_chat)   # {"default", "chat"}
     >>> jlora.select(s, "chat")
   """
@@ -238,7 +238,7 @@ def add_adapter(tree: Any, name: str, other: Any, *, activate: bool = False,
 def remove_adapter(adapter_set: AdapterSet, name: str) -> AdapterSet:
   """The set without `name` (the bare base becomes active if it was).
 
-  Example:
+  Examples:
     >>> s = jlora.remove_adapter(s, "chat")
   """
   _lookup(adapter_set, name)
@@ -250,7 +250,7 @@ def remove_adapter(adapter_set: AdapterSet, name: str) -> AdapterSet:
 def set_active(adapter_set: AdapterSet, name: str | None) -> AdapterSet:
   """The set with `name` active (``None``: the bare base); PEFT's set_adapter.
 
-  Example:
+  Examples:
     >>> s = jlora.set_active(s, "sql"); lp = jlora.select(s)
   """
   if name is not None:
@@ -293,7 +293,7 @@ def select(adapter_set: AdapterSet, name: str | None | _Active = ACTIVE
     name: an adapter name, ``None`` for the bare base; default the set's
       active adapter.
 
-  Example:
+  Examples:
     >>> forward = jax.jit(jlora.wrap(model.apply))
     >>> y_sql = forward({"params": jlora.select(s, "sql")}, x)
     >>> y_chat = forward({"params": jlora.select(s, "chat")}, x)  # no retrace
@@ -374,7 +374,7 @@ def stack_adapters(adapter_set: AdapterSet, names: list[str] | None = None
     adapter_set: the set.
     names: the adapters, in id order (default: all, in the set's order).
 
-  Example:
+  Examples:
     >>> tree = jlora.stack_adapters(s, ["sql", "chat"])
     >>> ids = jnp.array([0, 1, 1, -1])           # per example; -1: base
     >>> y = jlora.wrap(model.apply)({"params": tree}, x, adapter_ids=ids)
@@ -405,7 +405,7 @@ def unstack_adapters(tree: Any) -> AdapterSet:
   Each adapter gets back its own rank (padding dropped) and config; an
   adapter appears at the kernels it adapts only.
 
-  Example:
+  Examples:
     >>> s2 = jlora.unstack_adapters(trained_stack)
     >>> jlora.save_adapter_set("/tmp/adapters", s2)
   """
@@ -451,7 +451,7 @@ def wrap(fn: Callable[..., Any], adapter: str | None | _Active = ACTIVE, *,
       runs the bare base.
     adapter_ids_axis: the batch axis for ``adapter_ids``, as in `jlora.wrap`.
 
-  Example:
+  Examples:
     >>> sql = jlora.wrap_adapter(model.apply, adapter="sql")
     >>> logits = sql({"params": s}, x)
   """
@@ -525,7 +525,7 @@ def save_adapter_set(path, adapter_set: AdapterSet, *,
   that are not in this one go with it); anything else at `path` raises
   `jlora.checkpoint.NotACheckpointError`.
 
-  Example:
+  Examples:
     >>> jlora.save_adapter_set("/tmp/adapters", s)
     >>> s2 = jlora.load_adapter_set("/tmp/adapters", params)
   """
@@ -565,7 +565,7 @@ def load_adapter_set(path, base_params: Any, *,
     CheckpointCorruptError: an unreadable or edited index, or a damaged
       adapter (named).
 
-  Example:
+  Examples:
     >>> s = jlora.load_adapter_set("/tmp/adapters", params, names=["sql"])
   """
   from jlora import _checkpoint_io as io

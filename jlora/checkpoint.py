@@ -211,7 +211,7 @@ def save_adapter(path, tree: Any, *, metadata: dict | None = None,
     CheckpointBusyError: another process kept writing `path` for longer
       than 10 minutes (two savers of one path take turns).
 
-  Example:
+  Examples:
     >>> jlora.save_adapter("/tmp/adapter", lp, metadata={"task": "sst2"})
     >>> lp2 = jlora.load_adapter("/tmp/adapter", params)
   """
@@ -223,7 +223,7 @@ def save_adapter(path, tree: Any, *, metadata: dict | None = None,
 def read_metadata(path) -> dict[str, Any]:
   """The JSON record of a jlora checkpoint (adapter, merged or a step dir).
 
-  Example:
+  Examples:
     >>> jlora.read_metadata("/tmp/adapter")["targets"]["dense/kernel"]["rank"]
     8
   """
@@ -348,7 +348,7 @@ def load_adapter(path, base_params: Any, *, allow_missing: bool = False,
     FileNotFoundError / NotADirectoryError: no checkpoint at `path` (the
       message says what is there instead).
 
-  Example:
+  Examples:
     >>> lp = jlora.load_adapter("/tmp/adapter", params)
     >>> logits = jlora.wrap(model.apply)({"params": lp}, x)
   """
@@ -410,7 +410,7 @@ def save_merged(path, tree: Any, *, metadata: dict | None = None,
   beside `path` and swapped in once complete, replacing only a merged
   checkpoint (with `overwrite`), as `save_adapter` does.
 
-  Example:
+  Examples:
     >>> jlora.save_merged("/tmp/merged", lp)
     >>> params = jlora.load_merged("/tmp/merged", like=params)
   """
@@ -471,7 +471,7 @@ def load_merged(path, like: Any = None) -> Any:
       structure and shardings; without it, nested dicts of arrays keyed like
       the saved '/'-joined paths (a linen params dict comes back as saved).
 
-  Example:
+  Examples:
     >>> params = jlora.load_merged("/tmp/merged", like=params)
   """
   with io.reading(path) as directory:
@@ -562,7 +562,7 @@ class CheckpointManager:
   directory that is itself a checkpoint. Saving a step at or before the
   latest saved one raises (Orbax would skip it silently).
 
-  Example:
+  Examples:
     >>> with jlora.CheckpointManager("/tmp/run", max_to_keep=2) as ckpt:
     ...   ckpt.save(step, trainable=trainable, opt_state=opt_state, rng=rng)
     ...   r = ckpt.restore(like=(trainable, opt_state))

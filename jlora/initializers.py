@@ -128,7 +128,7 @@ def pissa(tree: Any, *, n_iter: int | None = None,
   Returns:
     The tree with new ``a``, ``b`` and residual ``w`` in every node.
 
-  Example:
+  Examples:
     >>> lp = jlora.apply(params, rank=8, key=key)
     >>> lp = jlora.variants.pissa(lp)                     # exact SVD
     >>> lp = jlora.variants.pissa(lp, n_iter=4, key=key)  # fast
@@ -171,7 +171,7 @@ def olora(tree: Any) -> Any:
 
   Note that, like PEFT, the factors are not divided by ``scale``.
 
-  Example:
+  Examples:
     >>> lp = jlora.variants.olora(jlora.apply(params, rank=8, key=key))
 
   References:
@@ -195,7 +195,7 @@ def gaussian(tree: Any, key: jax.Array) -> Any:
 
   The base is untouched and ``merge`` returns it bit for bit.
 
-  Example:
+  Examples:
     >>> lp = jlora.variants.gaussian(lp, jax.random.key(1))
   """
 
@@ -221,7 +221,7 @@ def initialize(tree: Any, method: str, key: jax.Array | None = None) -> Any:
       or ``"default"`` (leave as is).
     key: PRNG key (``pissa_niter_N`` and ``gaussian`` need it).
 
-  Example:
+  Examples:
     >>> lp = jlora.variants.initialize(lp, "pissa_niter_4", key)
   """
   if method in ("default", "lora", True):

@@ -242,7 +242,7 @@ def apply(params: Any, rank: int, *, alpha: float | None = None,
     The same tree, targeted kernels replaced by `LoRA` nodes with ``a`` of
     shape (*stacked, in, r) and ``b`` of shape (*stacked, r, out).
 
-  Example:
+  Examples:
     >>> lp = jlora.apply(params, rank=8, alpha=16.0, targets="q_proj|v_proj",
     ...                  key=jax.random.key(0))
     >>> print(jlora.summary(lp))

@@ -33,7 +33,7 @@ class Layouts(dict):
   ``dict(layout)`` is an ordinary regex-keyed layout dict again, with
   ``"all-linear"`` default targets.
 
-  Example:
+  Examples:
     >>> layout = jlora.infer_layout(fn, params, x)
     >>> layout["blocks/0/attn/qkv/w"], layout.heads
     ('ioo', ('lm_head/kernel',))
@@ -101,7 +101,7 @@ def infer_layout(fn: Callable[..., Any], params: Any, *args,
       products, which no single adapter layout can serve; the message lists
       every such weight and its uses.
 
-  Example:
+  Examples:
     >>> fn = lambda p, ids: model.apply({"params": p}, ids)
     >>> layout = jlora.infer_layout(fn, params,
     ...                             jax.ShapeDtypeStruct((1, 16), jnp.int32))

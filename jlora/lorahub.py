@@ -83,7 +83,7 @@ def search(adapters: AdapterSet | Mapping[str, Any], names: Sequence[str],
     ``(weights, combined)``: the best weights found, ``{name: float}``, and
     ``combine_adapters(adapters, weights, method)``, a LoRA tree.
 
-  Example:
+  Examples:
     >>> w, lp = jlora.lorahub.search(s, ["sql", "chat"], batch, loss,
     ...                              key=jax.random.key(0))
   """

@@ -16,7 +16,7 @@ def merge(tree: Any) -> Any:
   fused kernel in its base's dtype (accumulated in at least float32), so the
   model runs with no extra latency. Works under `jit`.
 
-  Example:
+  Examples:
     >>> fused = jlora.merge(jlora.combine(trainable, frozen))
     >>> model.apply({"params": fused}, x)
   """

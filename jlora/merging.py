@@ -301,7 +301,7 @@ def combine_adapters(adapters: AdapterSet | Mapping[str, Any],
   Returns:
     A LoRA tree on the adapters' base.
 
-  Example:
+  Examples:
     >>> mix = jlora.combine_adapters(s, {"sql": 1.0, "chat": 0.5}, "ties",
     ...                              density=0.5)
     >>> s = jlora.add_adapter(s, "mix", mix)

@@ -81,7 +81,7 @@ class LoRA:
   Any of ``w``, ``a``, ``b`` may be ``None`` in a partitioned half (see
   `jlora.partition`).
 
-  Example:
+  Examples:
     >>> node = jlora.apply({"kernel": w}, rank=4, key=key)["kernel"]
     >>> node.rank, node.scale
     (4, 2.0)
@@ -248,7 +248,7 @@ class MultiLoRA(LoRA):
   ``a`` and ``b`` as trainable; there is no single fused kernel, so `merge`
   and file formats need one adapter first (`jlora.unstack_adapters`).
 
-  Example:
+  Examples:
     >>> stacked = jlora.stack_adapters(adapter_set)       # MultiLoRA nodes
     >>> y = jlora.wrap(model.apply)({"params": stacked}, x, adapter_ids=ids)
   """

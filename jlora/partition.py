@@ -83,7 +83,7 @@ def partition(tree: Any, *, full: Selector = None) -> tuple[Any, Any]:
       ``modules_to_save``, e.g. a classifier head or norms): a regex searched
       in the '/'-joined path, a list of them, or a callable (path, leaf).
 
-  Example:
+  Examples:
     >>> trainable, frozen = jlora.partition(lp)
     >>> opt_state = optax.adam(1e-3).init(trainable)
     >>> lp2 = jlora.combine(trainable, frozen)
@@ -167,7 +167,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
   Raises ValueError naming the first mismatching path when the halves are
   not the two halves of one `partition` (different trees or target sets).
 
-  Example:
+  Examples:
     >>> lp = jlora.combine(*jlora.partition(lp))
   """
   # Quantized kernels are one leaf, as partition sees them.
@@ -215,7 +215,7 @@ def optimizer(tx: optax.GradientTransformation, tree: Any = None, *,
   leaves). The mask is computed from the params given to ``init``; `tree` is
   accepted for symmetry and ignored.
 
-  Example:
+  Examples:
     >>> tx = jlora.optimizer(optax.adamw(1e-4))
     >>> opt_state = tx.init(lp)
   """

@@ -34,7 +34,7 @@ Scale: ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), per module
 through ``rank_pattern`` / ``alpha_pattern``. DoRA (``use_dora``): the fused
 kernel is ``m * W' / ||W'||``, norms per output, in both libraries.
 
-Example:
+Examples:
   >>> jlora.peft.save(lora_params, "out/adapter", base_model_name_or_path=mid)
   >>> peft_model = peft.PeftModel.from_pretrained(hf_model, "out/adapter")
   >>> lora_params = jlora.peft.load("out/adapter", params)
@@ -130,8 +130,9 @@ def module_names(params: Any, *, layers_key: str = "layers") -> list[str]:
   """PEFT module names of the linear kernels of `params`, in tree order
   (stacked expert kernels, PEFT parameters, are left out).
 
-  >>> jlora.peft.module_names(params)[:2]
-  ['lm_head', 'model.layers.0.mlp.down_proj']
+  Examples:
+    >>> jlora.peft.module_names(params)[:2]
+    ['lm_head', 'model.layers.0.mlp.down_proj']
   """
   return [n for m in _modules(params, layers_key) if not m.param
           for n in m.names]
@@ -259,7 +260,7 @@ def save(tree: Any, directory: str | os.PathLike, *,
       gains ``e``, a layout other than 'io' / scanned 'bio', a partition
       half, or nodes disagreeing on rslora, dropout or DoRA.
 
-  Example:
+  Examples:
     >>> lp = jlora.apply(params, rank=8, targets="q_proj|v_proj", key=key)
     >>> jlora.peft.save(lp, "adapter", base_model_name_or_path="Qwen/...")
   """
@@ -610,7 +611,7 @@ def load(directory: str | os.PathLike, params: Any, *, dtype: Any = None,
       ``adapter_model.safetensors`` (for a pickled ``adapter_model.bin`` it
       says how to convert it).
 
-  Example:
+  Examples:
     >>> model, params = jlora.models.from_pretrained("Qwen/Qwen2.5-0.5B")
     >>> lp = jlora.peft.load("my-peft-adapter", params)
     >>> logits = jlora.wrap(model.apply)({"params": lp}, ids)

@@ -7,7 +7,7 @@ layer's slice at a time), and `jlora.merge` gives fused params in the compute
 dtype. `merge_and_quantize` fuses and re-quantizes; `quantizer` quantizes
 while loading; `host_offloaded` keeps optimizer state in host memory.
 
-Example:
+Examples:
   >>> qparams = jlora.quantize(params, "nf4")          # double quant, bf16
   >>> lp = jlora.apply(qparams, rank=16, key=jax.random.key(0))
   >>> trainable, frozen = jlora.partition(lp)
@@ -118,7 +118,7 @@ def quantize(params: Any, method: str = "nf4", *, block_size: int = 64,
     through its adapter, and `apply` refuses a quantized kernel it does not
     adapt. `dequantize` gives a plain tree for running without adapters.
 
-  Example:
+  Examples:
     >>> qparams = jlora.quantize(params, "nf4", targets="proj")
     >>> jlora.dequantize(qparams)["dense"]["kernel"].dtype
     dtype(bfloat16)
@@ -200,7 +200,7 @@ def _check_same_settings(path, leaf, method, block_size, double_quant,
 def dequantize(tree: Any, dtype: Any = None) -> Any:
   """Every `QuantizedArray` (also the base of a `LoRA` node) as an array.
 
-  Example:
+  Examples:
     >>> params = jlora.dequantize(qparams)        # bf16 kernels
   """
   def dense(x):
@@ -223,7 +223,7 @@ def quantize_leaf(name: str, array: Any, method: str = "nf4", *,
   this leaf alone (a target that matches nothing here is not an error), and
   so are its errors (inf/NaN values, an explicitly targeted integer leaf).
 
-  Example:
+  Examples:
     >>> quantize_leaf("model/layers/mlp/up_proj/kernel", w).method
     'nf4'
   """
@@ -267,7 +267,7 @@ def quantizer(method: str = "nf4", **options) -> Callable[[str, Any], Any]:
   parameter as soon as it is placed on device holds one dense parameter at a
   time, never the whole dense model.
 
-  Example:
+  Examples:
     >>> hook = jlora.quant.quantizer("nf4")
     >>> params = {p: hook(p, read(p)) for p in names}
   """
@@ -295,7 +295,7 @@ def merge_and_quantize(tree: Any, method: str | None = None, *,
   ``w + scale * a @ b`` in the compute dtype, so the result carries the
   quantization error of the merged kernel, not of the old base.
 
-  Example:
+  Examples:
     >>> deployed = jlora.quant.merge_and_quantize(lp)    # NF4 again
   """
   def fuse(node):
@@ -351,7 +351,7 @@ def host_offloaded(tx: optax.GradientTransformation
   Needs a backend with host memory spaces (GPU and TPU; CPU as well in
   recent JAX).
 
-  Example:
+  Examples:
     >>> tx = jlora.quant.host_offloaded(optax.adamw(1e-4))
     >>> opt_state = tx.init(trainable)    # lives in pinned host memory
   """
@@ -425,7 +425,7 @@ def quantize_fp8(params: Any, *, scaling: str = "channel",
     ValueError: a kernel holds NaN or inf values (naming its path), or an
       unknown ``scaling``/``product``.
 
-  Example:
+  Examples:
     >>> qparams = jlora.quant.quantize_fp8(params, scaling="tensor")
     >>> lp = jlora.apply(qparams, rank=16, key=jax.random.key(0))
     >>> logits = jlora.wrap(model.apply)({"params": lp}, ids)
@@ -457,7 +457,7 @@ def set_fp8_product(tree: Any, product: str) -> Any:
   ``"fp8"`` runs the FP8 numerics on any backend (exact float32 emulation
   where the hardware has no FP8), e.g. to test the GPU path on a CPU.
 
-  Example:
+  Examples:
     >>> emulated = jlora.quant.set_fp8_product(lp, "fp8")
   """
   _fp8.check_options("channel", product)

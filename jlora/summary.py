@@ -31,8 +31,9 @@ def _size(tree: Any) -> int:
 def count(tree: Any) -> Count:
   """``Count(trainable, total)``: adapter parameters and all parameters.
 
-  >>> jlora.count(lp)
-  Count(trainable=4096, total=1052672)
+  Examples:
+    >>> jlora.count(lp)
+    Count(trainable=4096, total=1052672)
   """
   trainable, frozen = _split(tree, set())  # a plain tree counts 0 trainable
   n_train = _size(trainable)
@@ -42,7 +43,8 @@ def count(tree: Any) -> Count:
 def summary(tree: Any) -> str:
   """A table of every adapted kernel: path, shape, layout, rank, scale, size.
 
-  >>> print(jlora.summary(lp))
+  Examples:
+    >>> print(jlora.summary(lp))
   """
   rows = [("path", "kernel", "layout", "rank", "scale", "adapter params")]
   for path, node in _paths.leaves_with_path(tree):

@@ -155,7 +155,7 @@ def wrap(fn: Callable[..., Any], *, share_inputs: bool = True,
     adapter_ids_axis: the batch axis of every adapted product's input for
       ``adapter_ids`` (negative counts from the end); None infers it.
 
-  Example:
+  Examples:
     >>> forward = jlora.wrap(model.apply)
     >>> logits = forward({"params": lp}, x)
     >>> grads = jax.grad(lambda t: loss(forward({"params": jlora.combine(t, frozen)}, x)))(trainable)

@@ -1,5 +1,7 @@
 """The README's code runs: every python block, in order, in one namespace.
 
+The README keeps the quick start; the guides' code runs in test_docs.py.
+
 Blocks that need a real checkpoint (they name "path/or/hub-id") are skipped.
 """
 
@@ -17,7 +19,7 @@ def _blocks():
 
 def test_readme_blocks_run(capsys):
   blocks = _blocks()
-  assert len(blocks) >= 2
+  assert len(blocks) >= 1  # the quick start
   namespace: dict = {}
   for block in blocks:
     exec(compile(block, str(README), "exec"), namespace)
@@ -29,6 +31,5 @@ def test_readme_blocks_run(capsys):
   base_loss = float(jnp.mean((namespace["model"].apply(
       {"params": namespace["params"]}, namespace["x"]) - namespace["y"]) ** 2))
   assert final < 0.9 * base_loss
+  # The merged params run in the unmodified model.
   assert "(128, 8)" in out
-  assert namespace["restored"].step == 100
-  assert namespace["restored"].extra == {"epoch": 1}

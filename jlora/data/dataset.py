@@ -5,7 +5,7 @@ arrays with offsets, and where each example came from (file and line), so
 truncation, splitting and packing are cheap array work and every later
 message can still name the line.
 
-Example:
+Examples:
   >>> ds = jlora.data.load("chat.jsonl", tokenizer)       # format detected
   >>> ds, report = jlora.data.truncate(ds, max_tokens=513, policy="right")
   >>> train, heldout = ds.split(0.1, seed=0)

@@ -12,7 +12,7 @@ are those between the rendering of the conversation up to it with the
 generation prompt and the rendering through it, so the end-of-turn token is
 learnt and the template's role headers are not.
 
-Example:
+Examples:
   >>> ids, mask = encode({"prompt": "2+2=", "completion": "4"},
   ...                    "prompt_completion", tokenizer)
 """

@@ -21,7 +21,7 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array,
   Returns:
     float32 scalar; 0 when no token counts.
 
-  Example:
+  Examples:
     >>> logits = model.apply({"params": p}, b["input_ids"],
     ...                      segment_ids=b["segment_ids"], positions=b["positions"])
     >>> loss = masked_cross_entropy(logits, b["targets"], b["loss_mask"])

@@ -20,7 +20,7 @@ the first row with room (a segment tree finds it in O(log n)); FFD uses at most
 lower bound) in 62 ms; grain's streaming FirstFit/BestFit packers, which
 see only the next examples, fill 95% with 8 open rows and 98.6% with 64.
 
-Example:
+Examples:
   >>> ds, report = truncate(ds, seq_len=512, policy="right")
   >>> rows = pack(ds, seq_len=512)
   >>> rows[0]["segment_ids"]        # (512,)

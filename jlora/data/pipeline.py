@@ -6,7 +6,7 @@ small JSON-able dict) restores the exact position, so a resumed run sees the
 batches it would have seen. With several processes each reads its own slice
 of every global batch.
 
-Example:
+Examples:
   >>> rows = jlora.data.pack(ds, seq_len=512)
   >>> it = iter(jlora.data.train_batches(rows, batch_size=8, seed=0))
   >>> batch = next(it)                  # dict of (8, 512) arrays

@@ -5,7 +5,7 @@ Token ids 0..255 are the UTF-8 bytes; 256.. are the special tokens
 chat template is ChatML. It needs no download, so the offline demo and the
 tests run the same code path as a real model's tokenizer.
 
-Example:
+Examples:
   >>> tok = byte_tokenizer()
   >>> tok("hi")["input_ids"]
   [104, 105]

@@ -1,5 +1,6 @@
 """`jlora-finetune`, the fine-tuning command (see `jlora.finetune.cli`).
 
+Examples:
   >>> from jlora.finetune import main
   >>> metrics = main(["--steps", "100", "--out", "run"])   # offline demo
 """

@@ -4,7 +4,7 @@ Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text), Phi-3 and the
 Mixture-of-Experts Mixtral and Qwen3-MoE, one decoder (`CausalLM`) whose
 family differences are `ModelConfig` fields.
 
-Example:
+Examples:
   >>> from jlora.models import from_pretrained, generate
   >>> model, params = from_pretrained("Qwen/Qwen2.5-0.5B", dtype=jnp.bfloat16)
   >>> tokens = generate(model, params, prompt_ids, max_new_tokens=32)

@@ -63,7 +63,7 @@ def route(logits: jax.Array, k: int, normalize: bool):
   expert ids, renormalised to sum to 1 when `normalize` (which equals the
   softmax over the top-k logits: Mixtral; Qwen3-MoE's `norm_topk_prob`).
 
-  Example:
+  Examples:
     >>> w, ids, probs = route(jnp.array([[2.0, 0.0, 1.0]]), 2, True)
     >>> ids
     Array([[0, 2]], dtype=int32)
@@ -199,7 +199,7 @@ def load_balancing_loss(variables: Any) -> jax.Array:
     ValueError: no routing statistics (a dense model, or `mutable` not
       given).
 
-  Example:
+  Examples:
     >>> logits, state = model.apply({"params": p}, ids, mutable="intermediates")
     >>> aux = jlora.models.load_balancing_loss(state)
     >>> loss = ce + model.config.router_aux_loss_coef * aux

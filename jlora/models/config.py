@@ -151,7 +151,7 @@ class ModelConfig:
       (`jlora.models.load_balancing_loss`) in the training loss; informative,
       the model never adds it itself.
 
-  Example:
+  Examples:
     >>> cfg = ModelConfig(vocab_size=128, hidden_size=64,
     ...                   intermediate_size=128, num_layers=2, num_heads=4,
     ...                   num_kv_heads=2)
@@ -269,7 +269,7 @@ class ModelConfig:
         activation, per-layer attention type, bidirectional attention), named
         in the message.
 
-    Example:
+    Examples:
       >>> from transformers import LlamaConfig
       >>> hf = LlamaConfig(hidden_size=64, num_attention_heads=4)
       >>> ModelConfig.from_hf(hf).head_dim

@@ -166,7 +166,7 @@ def init_cache(model: CausalLM, batch_size: int, max_length: int) -> KVCache:
   `max_length` slots when the window is shorter (Mistral, Gemma 2/3, Qwen2
   with sliding layers, Phi-3 with a window).
 
-  Example:
+  Examples:
     >>> cache = init_cache(model, 2, 64)
     >>> logits, cache = model.apply({"params": params}, prompt, cache=cache)
   """
@@ -861,7 +861,7 @@ class CausalLM(_Options):
     or `(logits, new_cache)` given a cache (hidden states in place of logits
     with `return_hidden=True`).
 
-  Example:
+  Examples:
     >>> model = CausalLM(ModelConfig.from_hf(hf_config))
     >>> x = jnp.zeros((1, 8), jnp.int32)
     >>> params = model.init(jax.random.key(0), x)["params"]

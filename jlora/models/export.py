@@ -64,7 +64,7 @@ def save_pretrained(directory: str | os.PathLike, model: Any, params: Any, *,
       transformers' config class cannot express (e.g. sliding windows on
       Llama).
 
-  Example:
+  Examples:
     >>> lp = jlora.combine(trainable, frozen)
     >>> jlora.models.save_pretrained("merged", model, lp, tokenizer=tok)
     >>> AutoModelForCausalLM.from_pretrained("merged")   # PyTorch side
@@ -133,7 +133,7 @@ def save_pretrained(directory: str | os.PathLike, model: Any, params: Any, *,
 def to_hf_config(config: ModelConfig) -> dict[str, Any]:
   """transformers' config.json for a `ModelConfig` (its `from_hf` inverse).
 
-  Example:
+  Examples:
     >>> AutoConfig.for_model(**to_hf_config(model.config))
   """
   c = config

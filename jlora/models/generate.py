@@ -96,7 +96,7 @@ def generate(
       `apply_fn({"params": params}, ids, positions=, attention_mask=, cache=)`
       and must return `(logits, cache)`.
 
-  Example:
+  Examples:
     >>> out = generate(model, params, prompt, max_new_tokens=32)
     >>> out = generate(model, lora_params, prompt, max_new_tokens=32,
     ...                apply_fn=jlora.wrap(model.apply))

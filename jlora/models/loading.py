@@ -104,7 +104,7 @@ def from_pretrained(
     ValueError: the config's `model_type` is not supported.
     CheckpointMismatchError: missing, unexpected or wrongly shaped tensors.
 
-  Example:
+  Examples:
     >>> model, params = from_pretrained("Qwen/Qwen2.5-0.5B", dtype=jnp.bfloat16)
     >>> logits = model.apply({"params": params}, jnp.array([[1, 2, 3]]))
   """
@@ -156,7 +156,7 @@ def from_state_dict(
 ) -> Params:
   """Converts an in-memory HF state dict (torch tensors or arrays) to params.
 
-  Example:
+  Examples:
     >>> model = CausalLM(ModelConfig.from_hf(hf_model.config))
     >>> params = from_state_dict(model, hf_model.state_dict())
   """
@@ -201,7 +201,7 @@ def from_config(
   a (1, ...) slice named by the stacked path; the pieces are joined along the
   leading axis of every array the hook returns.
 
-  Example:
+  Examples:
     >>> cfg = LlamaConfig(num_hidden_layers=2)
     >>> model, params = from_config(cfg, jax.random.key(0))
     >>> model, qparams = from_config(cfg, jax.random.key(0), quantize="nf4",

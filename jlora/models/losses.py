@@ -9,7 +9,7 @@ the hidden states (and to the head, when the head is being trained), so the
 backward pass only scales stored gradients: the logits are computed once, never
 stored whole, and never recomputed.
 
-Example:
+Examples:
   >>> h = model.apply({"params": p}, inputs, return_hidden=True)
   >>> loss = chunked_cross_entropy(h, p["lm_head"]["kernel"], labels,
   ...                              chunk_size=1024)
@@ -74,7 +74,7 @@ def chunked_cross_entropy(
   Returns:
     float32 scalar loss.
 
-  Example:
+  Examples:
     >>> loss = chunked_cross_entropy(h, params["lm_head"]["kernel"], labels)
     >>> grads = jax.grad(loss_fn)(trainable)  # no (tokens, vocab) residual
 
@@ -147,7 +147,7 @@ def causal_lm_loss(
       an array).
     hidden, labels, where, chunk_size, reduction: as `chunked_cross_entropy`.
 
-  Example:
+  Examples:
     >>> h = model.apply({"params": p}, x, return_hidden=True)
     >>> loss = causal_lm_loss(model.config, p, h, y, where=loss_mask)
   """

@@ -19,7 +19,7 @@ The same code runs on one process or on several (``jax.distributed``): meshes
 span every process's devices, and `global_batch` assembles one global batch
 from each process's own rows.
 
-Example:
+Examples:
   >>> mesh = jlora.models.sharding.make_mesh("fsdp:8")
   >>> model, params = jlora.models.from_pretrained(
   ...     path, shardings=jlora.models.sharding.param_rule(mesh))
@@ -51,8 +51,9 @@ _EMBED = re.compile(r"(^|/)(embed_tokens|embedding|wte)(/|$)")
 def parse_spec(spec: str) -> dict[str, int]:
   """``"data:2,fsdp:4"`` -> ``{"data": 2, "fsdp": 4}``, validated.
 
-  >>> parse_spec("fsdp:8")
-  {'fsdp': 8}
+  Examples:
+    >>> parse_spec("fsdp:8")
+    {'fsdp': 8}
   """
   if not isinstance(spec, str) or not spec.strip():
     raise ValueError(
@@ -143,7 +144,7 @@ def param_rule(mesh: Mesh, *, stacked: Callable[[str, tuple], int] | None
   `stacked` optionally says how many leading axes of a leaf are stacked
   layers (default: all but the last two of a 2+-axis leaf).
 
-  Example:
+  Examples:
     >>> model, params = jlora.models.from_config(
     ...     cfg, key, scan_layers=True, shardings=param_rule(make_mesh("fsdp:8")))
   """

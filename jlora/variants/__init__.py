@@ -11,8 +11,9 @@
 
 DoRA and rsLoRA are fields/options of the node itself (``m``, ``rslora``).
 
->>> lp = jlora.variants.pissa(jlora.apply(params, rank=8, key=key))
->>> tx = jlora.variants.loraplus_optimizer(optax.adamw, 2e-4, ratio=16.0)
+Examples:
+  >>> lp = jlora.variants.pissa(jlora.apply(params, rank=8, key=key))
+  >>> tx = jlora.variants.loraplus_optimizer(optax.adamw, 2e-4, ratio=16.0)
 """
 
 from jlora import initializers as init

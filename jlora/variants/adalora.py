@@ -50,7 +50,7 @@ def prepare(tree: Any, key: jax.Array, std: float = 0.02) -> Any:
   merged model equals the base. ``scale = alpha / r`` is fixed at the
   initial rank (PEFT's ``ranknum``), whatever is pruned later.
 
-  Example:
+  Examples:
     >>> lp = jlora.variants.adalora.prepare(jlora.apply(params, 12, key=k1), k2)
   """
   nodes = _nodes(tree)
@@ -77,7 +77,7 @@ def regularizer(tree: Any) -> jax.Array:
   (the paper and PEFT use gamma = 0.1 to 0.5). PEFT's variant takes the
   unsquared norm averaged over matrices; this one is the paper's.
 
-  Example:
+  Examples:
     >>> loss = task_loss + 0.1 * jlora.variants.adalora.regularizer(tree)
 
   References:
@@ -156,7 +156,7 @@ def init(tree: Any, *, target_r: int, total_step: int, tinit: int = 0,
     delta_t: reallocate every `delta_t` steps.
     beta1, beta2: EMA factors of sensitivity and uncertainty.
 
-  Example:
+  Examples:
     >>> state = jlora.variants.adalora.init(lp, target_r=4, total_step=1000,
     ...                                     tinit=100, tfinal=200)
   """
@@ -275,7 +275,7 @@ def update(tree: Any, grads: Any, state: AdaLoRAState,
   Returns:
     ``(tree, state)`` with masked ``e``.
 
-  Example:
+  Examples:
     >>> grads = jax.grad(loss)(lp)
     >>> updates, opt_state = tx.update(grads, opt_state, lp)
     >>> lp = optax.apply_updates(lp, updates)

@@ -44,7 +44,7 @@ def truncate(tree: Any, rank: int) -> Any:
     tree: a LoRA tree trained with `sample` / `mask_rank`.
     rank: the new rank, a positive Python int.
 
-  Example:
+  Examples:
     >>> small = jlora.variants.truncate(lp, 2)
     >>> jax.tree.leaves(small)[1].shape   # a: (in, 2)
 
@@ -97,7 +97,7 @@ def mask_rank(tree: Any, rank: Any, *, only_last: bool = False) -> Any:
     only_last: train only the ``k``-th rank (the paper's "frozen" mode):
       ranks below ``k`` are used but get no gradient.
 
-  Example:
+  Examples:
     >>> def loss(t, k):
     ...   return mse(forward({"params": jlora.variants.mask_rank(t, k)}, x), y)
   """
@@ -146,7 +146,7 @@ def sample(tree: Any, key: jax.Array, r_min: int = 1, r_max: int | None = None,
   Returns:
     ``(masked_tree, k)``.
 
-  Example:
+  Examples:
     >>> def loss(t, key):
     ...   t, _ = jlora.variants.sample(t, key, r_min=1)
     ...   return mse(forward({"params": t}, x), y)

@@ -65,7 +65,7 @@ def labels(tree: Any, *, full: Selector = None, train_a: bool = True) -> Any:
   Returns:
     A tree of the same structure with a string from `LABELS` per leaf.
 
-  Example:
+  Examples:
     >>> tx = optax.multi_transform(
     ...     {"lora_a": optax.adam(1e-4), "lora_b": optax.adam(1.6e-3), ...},
     ...     jlora.variants.labels(lp, full="classifier"))
@@ -108,7 +108,7 @@ def optimizer(make_tx: Callable[[Any], optax.GradientTransformation],
     full_lr: their learning rate.
     train_a: ``False`` freezes ``a`` (LoRA-FA).
 
-  Example:
+  Examples:
     >>> tx = jlora.variants.loraplus_optimizer(optax.adamw, 2e-4, ratio=16)
     >>> opt_state = tx.init(lp)
 

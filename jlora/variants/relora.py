@@ -54,7 +54,7 @@ def prune_moments(opt_state: Any, fraction: float = 0.99,
   per-layer tensors). Everything else (step counts, moments of non-adapter
   leaves, masked placeholders) is kept.
 
-  Example:
+  Examples:
     >>> opt_state = jlora.variants.prune_moments(opt_state, 0.99)
   """
 
@@ -93,7 +93,7 @@ def restart(tree: Any, opt_state: Any, key: jax.Array,
   Returns:
     ``(tree, opt_state)``.
 
-  Example:
+  Examples:
     >>> if step % restart_every == 0 and step > 0:
     ...   lp, opt_state = jlora.variants.restart(lp, opt_state, key)
 
@@ -136,7 +136,7 @@ def jagged_schedule(peak_value: float, total_steps: int, restart_every: int,
   climbs linearly from 0 back to the cosine envelope in ``W`` steps. Call
   `restart` at the same steps (``s % restart_every == 0``, ``s > 0``).
 
-  Example:
+  Examples:
     >>> lr = jlora.variants.jagged_schedule(1e-3, 10_000, 1_000, 100, 50)
     >>> tx = optax.adamw(lr)
 
