@@ -5,8 +5,11 @@ Every ```python block of a page under docs/ runs in one namespace per page
 weights, and are not run).
 """
 
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -44,3 +47,16 @@ def test_page_code_runs(page, capsys, tmp_path, monkeypatch):
   assert out.strip()
   for expected in EXPECTED.get(str(page.relative_to(DOCS)), []):
     assert expected in out
+
+
+def test_site_builds_strict(tmp_path):
+  # Every page, API reference and cross-reference resolves: mkdocs fails the
+  # build on the first warning.
+  root = DOCS.parent
+  env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+  run = subprocess.run(
+      [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d",
+       str(tmp_path / "site")], cwd=root, env=env, capture_output=True,
+      text=True, check=False)
+  assert run.returncode == 0, run.stdout + run.stderr
+  assert (tmp_path / "site" / "api" / "core" / "index.html").exists()
