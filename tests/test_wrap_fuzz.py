@@ -40,9 +40,12 @@ class View:
   shape: list
   roles: list   # 'b', 'i', 'o' per axis, as `Factored` tracks them
   factored: bool = True  # False once an op fuses it (e.g. mixed reshape)
+  misread: bool = False  # an op that may raise LayoutError was applied
+  selected: bool = False  # a stacked axis was indexed (experts selected)
 
   def copy(self):
-    return View(list(self.shape), list(self.roles), self.factored)
+    return View(list(self.shape), list(self.roles), self.factored,
+                self.misread, self.selected)
 
 
 # -- kernel ops ---------------------------------------------------------------
@@ -74,8 +77,15 @@ def _draw_op(data, view: View, low: list) -> Callable | None:
     # One slice of the leading axis (an expert, a layer): static or traced.
     k = data.draw(st.integers(0, view.shape[0] - 1), label="index")
     traced = data.draw(st.booleans(), label="traced_index")
-    if view.roles[0] != "b":
+    role = view.roles[0]
+    if role != "b" and view.factored and role not in view.roles[1:]:
+      # Indexing away the last input (output) axis leaves no matrix: fused,
+      # or a misread layout when the kernel has stacked axes.
+      if "b" in view.roles:
+        view.misread = True
       view.factored = False
+    # Otherwise it stays factored: a slice of w + a @ b is a slice of a (b).
+    view.selected |= role == "b"
     view.shape, view.roles = view.shape[1:], view.roles[1:]
     if traced:
       return lambda w: jax.lax.dynamic_index_in_dim(
@@ -110,7 +120,7 @@ def _draw_product(data, view: View):
   n = len(view.shape)
   inputs = [k for k, r in enumerate(view.roles) if r == "i"]
   stacked = [k for k, r in enumerate(view.roles) if r == "b"]
-  layout_ok = True
+  layout_ok = not view.misread
   # Mostly contractions that fit the layout; some that do not, which may
   # raise LayoutError (and only then).
   if view.factored and inputs and data.draw(st.integers(0, 9),
@@ -122,9 +132,15 @@ def _draw_product(data, view: View):
                                         max_size=n - 1), label="contract"))
     rest = [k for k in range(n) if k not in contract]
     batch = [k for k in rest if data.draw(st.booleans(), label="batch")]
-    layout_ok = not view.factored or (
+    layout_ok = not view.misread and (not view.factored or (
         set(contract) == set(inputs) and all(view.roles[k] == "b"
-                                             for k in batch))
+                                             for k in batch)))
+  # A stacked axis the product keeps (not batched) reads like gemma's heads
+  # under a 'bio' layout: refused unless experts were selected from it.
+  kept = [k for k in stacked if k not in batch and k not in contract
+          and view.shape[k] != 1]
+  if view.factored and kept and not view.selected:
+    layout_ok = False
   free_sizes = data.draw(st.lists(st.integers(2, 3), min_size=1, max_size=2),
                          label="x_free")
   # x's axes: one per contracted and batch kernel axis, plus free ones.
