@@ -315,7 +315,8 @@ FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                   HealthCheck.data_too_large])
 
 
-@settings(max_examples=15, **FUZZ)
+@pytest.mark.fast_tier
+@settings(max_examples=8, **FUZZ)
 @given(data=st.data())
 def test_wrap_matches_merged_path_on_random_programs(data):
   check_program(data)
