@@ -19,7 +19,7 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # than this on a 2-core machine in the recorded full run (tests/durations.py
 # refreshes the record); tests may also be marked slow by hand, and tests
 # marked `fast_tier` stay in it whatever they took.
-SLOW_SECONDS = 1.0
+SLOW_SECONDS = 0.8
 _DURATIONS = pathlib.Path(__file__).with_name("durations.json")
 
 
