@@ -11,6 +11,10 @@ Paths (`impl`):
            soft-capping: a soft-capped model (Gemma 2) raises at setup.
   "auto"   `jax.nn.dot_product_attention`'s own choice; soft-capped models
            take the "xla" path.
+  "chunked" flash attention written in XLA (`_chunked_attention`): causal
+           rows in blocks, memory linear in sequence length, any backend,
+           windows and soft-capping; calls with a mask (padding, packed
+           documents, caches) take the "xla" path.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-IMPLS = ("xla", "cudnn", "auto")
+from jlora.models._chunked_attention import causal_attention
+
+IMPLS = ("xla", "cudnn", "auto", "chunked")
 # "No window" as a number: larger than any slot distance.
 NO_WINDOW = int(np.iinfo(np.int32).max)
 
@@ -73,7 +79,11 @@ def attend(q, k, v, *, mask, impl, window, scale, softcap):
   scale multiplies q . k; softcap (or None) caps the scaled scores at
   softcap * tanh(s / softcap).
   """
-  if impl == "xla" or softcap is not None:
+  if impl == "chunked" and mask is None:
+    out = causal_attention(q, k, v, scale=scale, window=window_value(window),
+                           softcap=softcap)
+    return checkpoint_name(out, "attention")
+  if impl in ("xla", "chunked") or softcap is not None:
     if mask is None:
       t, s = q.shape[1], k.shape[1]
       mask = slot_mask(
@@ -128,6 +138,11 @@ def causal(q, k, v, *, impl, windows, kind, scale, softcap):
     window = windows[0 if len(windows) == 1 else int(kind)]
     return attend(q, k, v, mask=None, impl=impl, window=window, scale=scale,
                   softcap=softcap)
+  if impl == "chunked":
+    values = jnp.asarray([window_value(w) for w in windows], jnp.int32)
+    out = causal_attention(q, k, v, scale=scale, window=values[kind],
+                           softcap=softcap)
+    return checkpoint_name(out, "attention")
   if impl == "xla" or softcap is not None:
     t, s = q.shape[1], k.shape[1]
     values = jnp.asarray([window_value(w) for w in windows], jnp.int32)

@@ -72,8 +72,12 @@ REMAT_POLICIES = (
 # qkv_proj and gate_up_proj in place of their parts), and the attention output
 # before o_proj ("attention"). With a fused attention kernel (cuDNN)
 # "attention" instead selects the kernel's own residuals, its output and
-# softmax statistics, so that the output is not stored twice.
+# softmax statistics, so that the output is not stored twice. "layer_input"
+# is the layer's input, the residual stream (B, T, hidden), which every remat
+# policy keeps; offloading it leaves the device only each layer's working
+# set (long context).
 CHECKPOINT_NAMES = (
+  "layer_input",
   "q_proj",
   "k_proj",
   "v_proj",
@@ -263,12 +267,28 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     init = nn.initializers.ones if self.offset == 0 else nn.initializers.zeros
     scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    y = x32 * lax.rsqrt(var + self.eps)
-    if self.offset:
-      return (y * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
-    return scale.astype(self.dtype) * y.astype(self.dtype)
+    return _rms_norm(x, scale, self.eps, self.offset, self.dtype)
+
+
+def _rms_norm_math(x, scale, eps, offset, dtype):
+  x32 = x.astype(jnp.float32)
+  var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+  y = x32 * checkpoint_name(lax.rsqrt(var + eps), "rms_norm_rstd")
+  if offset:
+    return (y * (offset + scale.astype(jnp.float32))).astype(dtype)
+  return scale.astype(dtype) * y.astype(dtype)
+
+
+# The backward pass of the norm keeps its input x (in the model's dtype) and
+# the per-token 1 / rms (float32, one value per row), and recomputes the
+# float32 products: plain autodiff would keep float32 copies of x and of the
+# normalised x, each twice a bf16 row, for every norm of the sequence.
+_rms_norm = jax.checkpoint(
+  _rms_norm_math,
+  policy=jax.checkpoint_policies.save_only_these_names("rms_norm_rstd"),
+  prevent_cse=False,
+  static_argnums=(2, 3, 4),
+)
 
 
 def _dense(
@@ -425,10 +445,24 @@ def _cached(attend, q, k, v, cache, kind: _LayerKind, ctx: _Context, window):
 
 class MLP(_Sub):
   """Gated MLP: down_proj(act(gate_proj(x)) * up_proj(x)); SwiGLU with silu,
-  GeGLU with gelu. Phi-3 computes gate and up as one gate_up_proj."""
+  GeGLU with gelu. Phi-3 computes gate and up as one gate_up_proj.
+
+  With `chunk`, sequences longer than `chunk` tokens run `chunk` tokens at a
+  time (`_over_token_chunks`): the (tokens, intermediate) activations, LoRA
+  products included, exist for one chunk at a time, in the forward and the
+  backward pass.
+  """
+
+  chunk: int | None = None
+
+  def __call__(self, x):
+    if (self.chunk is not None and x.shape[1] > self.chunk
+        and not self.is_initializing()):
+      return _over_token_chunks(MLP.gated, self, x, self.chunk)
+    return self.gated(x)
 
   @nn.compact
-  def __call__(self, x):
+  def gated(self, x):
     c = self.config
     inner = c.intermediate_size
     if c.fused_gate_up:
@@ -439,6 +473,45 @@ class MLP(_Sub):
       up = self.dense(inner, c.mlp_bias, "up_proj")(x)
     act = _ACTIVATIONS[c.hidden_act]
     return self.dense(c.hidden_size, c.mlp_bias, "down_proj")(act(gate) * up)
+
+
+def _over_token_chunks(fn, module, x, chunk: int):
+  """fn(module, x) for a token-wise fn, `chunk` tokens of x (B, T, H) at a
+  time: a scan over chunks whose body is rematerialised, so the backward
+  pass keeps only each chunk's input (a slice of x) and recomputes the
+  chunk's intermediates there. T need not divide by `chunk` (the last chunk
+  is padded; padded rows are dropped).
+  """
+  b, t, _ = x.shape
+  n = -(-t // chunk)
+  if n * chunk != t:
+    x = jnp.pad(x, ((0, 0), (0, n * chunk - t), (0, 0)))
+  xs = jnp.moveaxis(x.reshape(b, n, chunk, x.shape[-1]), 1, 0)
+  body = nn.remat(
+    lambda mdl, carry, xc: (carry, fn(mdl, xc)),
+    policy=jax.checkpoint_policies.nothing_saveable,
+    prevent_cse=False,
+  )
+  scan = nn.scan(body, variable_broadcast="params",
+                 split_rngs={"params": False}, length=n)
+  _, ys = scan(module, None, xs)
+  ys = jnp.moveaxis(ys, 0, 1).reshape(b, n * chunk, ys.shape[-1])
+  return ys[:, :t]
+
+
+def _name_layer_input(h, on_device: int):
+  """Tags a layer's input "layer_input" for remat policies and offload.
+
+  With `on_device` > 0 (a partial offload) only the trailing features carry
+  that name; the leading `on_device` ones are tagged "layer_input_kept",
+  which `_SaveNames` keeps on the device. The layer reads the two parts
+  joined again, so the backward pass needs the parts, not the input.
+  """
+  if not on_device:
+    return checkpoint_name(h, "layer_input")
+  kept = checkpoint_name(h[..., :on_device], "layer_input_kept")
+  moved = checkpoint_name(h[..., on_device:], "layer_input")
+  return jnp.concatenate([kept, moved], axis=-1)
 
 
 class DecoderLayer(_Sub):
@@ -456,16 +529,21 @@ class DecoderLayer(_Sub):
 
   attention: str = "xla"
   kind: _LayerKind | None = None
+  mlp_chunk: int | None = None
+  # Leading features of the layer input kept on the device when the rest is
+  # offloaded (CausalLM.offload_fraction < 1); 0: the input is one value.
+  input_on_device: int = 0
 
   @nn.compact
   def __call__(self, carry, xs, ctx: _Context):
     c = self.config
     h, cache = carry
+    h = _name_layer_input(h, self.input_on_device)
     kind = self.kind if self.kind is not None else xs
     attn_out, cache = Attention(
       c, self.dtype, self.param_dtype, self.attention, name="self_attn"
     )(self.norm("input_layernorm")(h), kind, ctx, cache)
-    mlp = MLP(c, self.dtype, self.param_dtype, name="mlp")
+    mlp = MLP(c, self.dtype, self.param_dtype, self.mlp_chunk, name="mlp")
     if c.sandwich_norms:
       h = h + self.norm("post_attention_layernorm")(attn_out)
       out = mlp(self.norm("pre_feedforward_layernorm")(h))
@@ -512,7 +590,7 @@ class _SaveNames:
   offload: frozenset = frozenset()
 
   def _decide(self, name: str):
-    if name in self.save:
+    if name in self.save or name == "layer_input_kept":
       return True
     if name in self.offload:
       return jax.ad_checkpoint.Offloadable(src="device", dst="pinned_host")
@@ -575,6 +653,61 @@ def _check_remat(remat, offload) -> None:
         f"{both} are both saved (remat={remat!r}) and offloaded; name each "
         "value in one of the two"
       )
+
+
+_MLP_NAMES = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
+
+
+def _check_long_context(opts) -> None:
+  """Checks `mlp_chunk` and `offload_fraction` against the remat setting."""
+  chunk = opts.mlp_chunk
+  if chunk is not None:
+    if not isinstance(chunk, (int, np.integer)) or chunk < 1:
+      raise ValueError(
+        f"mlp_chunk={chunk!r}; use a positive number of tokens (e.g. 8192) "
+        "or None for the whole sequence at once"
+      )
+    if opts.remat == "dots":
+      saved = ("every matmul output",)
+    else:
+      names = (_PRESET_SAVES.get(opts.remat, ()) if isinstance(opts.remat, str)
+               else tuple(opts.remat))
+      saved = tuple(n for n in (*names, *opts.offload) if n in _MLP_NAMES)
+    if saved:
+      raise ValueError(
+        f"mlp_chunk={chunk} recomputes the MLP chunk by chunk in the backward "
+        f"pass, but remat={opts.remat!r} / offload={tuple(opts.offload)!r} "
+        f"keeps {list(saved)} for the whole sequence; use remat='full', "
+        "'attention' or names without MLP projections with mlp_chunk"
+      )
+  fraction = opts.offload_fraction
+  if not 0 < fraction <= 1:
+    raise ValueError(
+      f"offload_fraction={fraction!r}; use a share in (0, 1] of the layer "
+      "input's features to keep in host memory"
+    )
+  if fraction < 1 and "layer_input" not in opts.offload:
+    raise ValueError(
+      f"offload_fraction={fraction} applies to the offloaded layer input, "
+      f"but offload={tuple(opts.offload)!r} does not name 'layer_input'; add "
+      "it (offload=('layer_input',)) or leave offload_fraction at 1.0"
+    )
+
+
+def _input_on_device(opts) -> int:
+  """Leading layer-input features kept on the device when only
+  `offload_fraction` of the input goes to host memory (0: no split).
+
+  The host share is rounded to whole 128-feature tiles on hidden sizes that
+  have them, so both parts keep the GPU's preferred layout.
+  """
+  hidden = opts.config.hidden_size
+  if "layer_input" not in opts.offload or opts.offload_fraction >= 1:
+    return 0
+  unit = 128 if hidden % 128 == 0 and hidden >= 1024 else 1
+  moved = int(round(hidden * opts.offload_fraction / unit)) * unit
+  moved = min(max(moved, unit), hidden)
+  return hidden - moved
 
 
 def _layer_cls(remat, offload, scan_layers: bool):
@@ -647,6 +780,8 @@ class _Options(nn.Module):
   remat: str | tuple[str, ...] = "none"
   attention: str = "xla"
   offload: tuple[str, ...] = ()
+  mlp_chunk: int | None = None
+  offload_fraction: float = 1.0
 
   def options(self) -> dict:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(_Options)
@@ -667,6 +802,8 @@ class Decoder(_Options):
     )
     layer_cls = _layer_cls(self.remat, self.offload, self.scan_layers)
     args = (c, self.dtype, self.param_dtype, self.attention)
+    kwargs = dict(mlp_chunk=self.mlp_chunk,
+                  input_on_device=_input_on_device(self))
     if self.scan_layers:
       self.layers = nn.scan(
         layer_cls,
@@ -674,9 +811,10 @@ class Decoder(_Options):
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast),
         length=c.num_layers,
-      )(*args)
+      )(*args, **kwargs)
     else:
-      self.layers = _LayerStack(functools.partial(layer_cls, *args), c)
+      self.layers = _LayerStack(functools.partial(layer_cls, *args, **kwargs),
+                                c)
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype,
                         c.norm_offset)
 
@@ -731,9 +869,11 @@ class Decoder(_Options):
       cos_sin(r, c.head_dim, c.max_position_embeddings, positions)
       for r in _ropes(c)
     ]
+    # cos and sin in the activations' dtype: `apply_rope` rounds them to it
+    # anyway, and every layer's backward pass keeps them.
     ctx = _Context(
-      jnp.stack([a[0] for a in angles]),
-      jnp.stack([a[1] for a in angles]),
+      jnp.stack([a[0] for a in angles]).astype(self.dtype),
+      jnp.stack([a[1] for a in angles]).astype(self.dtype),
       q_slots,
       kv_valid,
       segment_ids,
@@ -855,6 +995,7 @@ class CausalLM(_Options):
 
   def setup(self):
     _check_remat(self.remat, self.offload)
+    _check_long_context(self)
     c = self.config
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(
