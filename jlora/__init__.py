@@ -14,6 +14,7 @@ from jlora.adapters import (AdapterSet, add_adapter, load_adapter_set,
 from jlora.adapters import wrap as wrap_adapter
 from jlora._factored import LayoutError
 from jlora.inject import apply
+from jlora.layouts import Layouts, infer_layout
 from jlora.merge import merge
 from jlora.merging import combine_adapters
 from jlora.node import LoRA, MultiLoRA
@@ -54,7 +55,8 @@ __all__ = [
     "wrap_adapter", "Fp8Array", "QuantizedArray", "dequantize", "quant",
     "quantize", "AdapterMismatchError", "CheckpointBusyError",
     "CheckpointCorruptError", "CheckpointManager", "NotACheckpointError",
-    "CheckpointMismatchError", "Count", "LayoutError", "LoRA", "apply",
+    "CheckpointMismatchError", "Count", "LayoutError", "Layouts", "LoRA",
+    "apply", "infer_layout",
     "combine", "count", "labels", "load_adapter", "load_merged",
     "loraplus_optimizer", "mask", "merge", "optimizer", "partition",
     "read_metadata", "relora", "save_adapter", "save_merged", "summary",

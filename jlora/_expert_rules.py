@@ -371,7 +371,8 @@ _ROWWISE = frozenset({
     "add", "add_any", "sub", "mul", "div", "max", "min", "exp", "log",
     "log1p", "expm1", "logistic", "tanh", "erf", "sqrt", "rsqrt", "abs",
     "sign", "integer_pow", "pow", "square", "sin", "cos", "select_n",
-    "stop_gradient"})
+    "stop_gradient",
+    "name"})  # checkpoint_name's identity
 _MOVE = frozenset({"reshape", "squeeze", "expand_dims"})
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call",
                     "custom_jvp_call", "custom_vjp_call",
@@ -406,6 +407,15 @@ def _data_input(eqn):
     return ((floats or same)[0], False) if same else None
   if name in _MOVE:
     return 0, True
+  # Columns cut off each row (a fused gate_up split into gate and up).
+  if name == "split" and eqn.params["axis"] != 0:
+    return 0, False
+  if name == "slice":
+    p, n = eqn.params, eqn.invars[0].aval.shape[0]
+    if (p["start_indices"][0] == 0 and p["limit_indices"][0] == n
+        and (not p.get("strides") or p["strides"][0] == 1)):
+      return 0, False
+    return None
   if name == "gather":
     dn = eqn.params["dimension_numbers"]
     if tuple(dn.start_index_map) == (0,) and not dn.operand_batching_dims:
@@ -433,18 +443,35 @@ def _data_input(eqn):
   return None
 
 
-def _row_source(var, jaxpr):
-  """(source var, [(eqn, input, moves)...]) of the rows ending at var."""
+def _row_source(var, jaxpr, batch=None, sorted_=False):
+  """(source var, [(eqn, input, moves)...]) of the rows ending at var.
+
+  With `batch`, the walk stops at the token array once a gather has picked
+  the rows (``sorted_``): at an array whose leading axis is the batch
+  (hidden states (B, T, ...)), and before a second gather (the embedding
+  lookup that made the tokens, whose rows are vocabulary entries).
+  """
   producer = {v: e for e in jaxpr.eqns for v in e.outvars}
   chain = []
   while var in producer and len(chain) < 64:
+    if sorted_ and _is_batch(var, batch):
+      break
     eqn = producer[var]
     step = _data_input(eqn)
     if step is None:
       break
+    picks = _gathers([(eqn, *step)])
+    if batch is not None and sorted_ and picks:
+      break
     chain.append((eqn, *step))
+    sorted_ = sorted_ or picks
     var = eqn.invars[step[0]]
   return var, chain
+
+
+def _is_batch(var, batch) -> bool:
+  shape = getattr(getattr(var, "aval", None), "shape", ())
+  return batch is not None and len(shape) > 1 and shape[0] == batch
 
 
 def _rows(value, shape):
@@ -500,8 +527,8 @@ def _eval_var(var, jaxpr, env):
 def _example_rows(lhs_var, lhs, kernel):
   """The example of each row of a ragged_dot's input, (rows,) int32."""
   from jlora._interpreter import current_frame
-  batch = kernel.ids.shape[0]
-  numbers, tokens, moved = _row_numbers(lhs_var, current_frame())
+  batch = kernel.ids.ids.shape[0]
+  numbers, tokens, moved = _row_numbers(lhs_var, current_frame(), batch)
   if lhs.ndim != 2 or not moved or tokens % batch:
     found = (f"come from an array of {tokens} rows" if moved else
              "are not gathered from the tokens")
@@ -514,23 +541,26 @@ def _example_rows(lhs_var, lhs, kernel):
   return jnp.round(numbers).astype(jnp.int32) // (tokens // batch)
 
 
-def _row_numbers(var, frame):
+def _row_numbers(var, frame, batch, sorted_=False):
   """(row of the token array that each row of `var` comes from, tokens,
   whether a gather picked the rows on the way).
 
   Follows the rows into the calls around `frame` (a checkpointed expert
-  block fed sorted tokens from outside).
+  block fed sorted tokens from outside), and stops at the token array (see
+  `_row_source`).
   """
   if frame is None or isinstance(var, jax.extend.core.Literal):
     return None, None, False
-  source, chain = _row_source(var, frame.jaxpr)
+  source, chain = _row_source(var, frame.jaxpr, batch, sorted_)
+  sorted_ = sorted_ or _gathers(chain)
   start, tokens, moved = None, None, False
   parent = frame.parent
   if (source in frame.jaxpr.invars and parent is not None
+      and not (sorted_ and _is_batch(source, batch))
       and parent.eqn.primitive.name in _SAME_INPUTS
       and len(parent.eqn.invars) == len(frame.jaxpr.invars)):
     outer = parent.eqn.invars[frame.jaxpr.invars.index(source)]
-    start, tokens, moved = _row_numbers(outer, parent)
+    start, tokens, moved = _row_numbers(outer, parent, batch, sorted_)
   if start is None:
     tokens = source.aval.shape[0]
     start = lax.broadcasted_iota(jnp.float32, source.aval.shape, 0)

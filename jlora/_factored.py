@@ -16,6 +16,9 @@ pass), so a stacked kernel is never dequantized whole.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import itertools
 import math
 import string
@@ -27,10 +30,81 @@ import jax.numpy as jnp
 from jlora import _fp8
 from jlora._quant_array import is_quantized
 from jlora.node import LoRA, _to_kernel_layout, base_array, is_multi
+from jlora.targets import format_layout_dict, path_regex
 
 
 class LayoutError(ValueError):
   """A kernel was contracted on other axes than its LoRA layout says."""
+
+
+class _Mismatch(NamedTuple):
+  path: str
+  layout: str
+  contracted: tuple[int, ...]
+  kept: tuple[int, ...]
+  suggestion: str
+
+
+# The mismatches found while `jlora.wrap` traces one call: every product is
+# checked and the call raises once, listing them all. Set only for the
+# duration of that trace (see `collect_layout_errors`).
+_MISMATCHES: contextvars.ContextVar = contextvars.ContextVar(
+    "jlora_layout_mismatches", default=None)
+
+
+@contextlib.contextmanager
+def collect_layout_errors():
+  """Raises one `LayoutError` for every mismatched kernel met inside."""
+  found: list[_Mismatch] = []
+  token = _MISMATCHES.set(found)
+  try:
+    yield
+  except Exception as e:
+    if found:  # the mismatch is the likelier cause: name it
+      raise LayoutError(_layout_message(found)) from e
+    raise
+  finally:
+    _MISMATCHES.reset(token)
+  if found:
+    raise LayoutError(_layout_message(found))
+
+
+def _layout_message(found: list[_Mismatch]) -> str:
+  def axes(m, role):
+    return [k for k, r in enumerate(m.layout) if r == role]
+  lines = [f"'{m.path}' is contracted on axes {list(m.contracted)} and keeps"
+           f" {list(m.kept)}, but its layout '{m.layout}' has inputs"
+           f" {axes(m, 'i')} and stacked axes {axes(m, 'b')}; it fits"
+           f" '{m.suggestion}'" for m in found]
+  # One regex per layer pattern, when every layer needs the same layout.
+  by_rx: dict[str, set[str]] = {}
+  for m in found:
+    by_rx.setdefault(path_regex(m.path), set()).add(m.suggestion)
+  fix = {}
+  for m in found:
+    rx = path_regex(m.path)
+    fix.setdefault(rx if len(by_rx[rx]) == 1 else m.path, m.suggestion)
+  what = (f"LoRA kernel {lines[0]}. " if len(found) == 1 else
+          f"{len(found)} LoRA kernels are contracted on other axes than"
+          " their layouts say:\n  " + "\n  ".join(lines) + "\n")
+  return (f"{what}Re-create the adapters with jlora.apply(...,"
+          f" layout={format_layout_dict(fix)}), or infer every kernel's"
+          " layout from the model: layout = jlora.infer_layout(fn, params,"
+          " *args); jlora.apply(params, ..., layout=layout).")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdapterIds:
+  """A mixed batch's adapter index per example, (B,) ints (-1: the base).
+
+  ``axis`` (static) names the batch axis of each adapted product's input
+  (negative counts from the end); None infers it (`Factored._example_axis`).
+  """
+
+  ids: Any
+  axis: int | None = dataclasses.field(metadata=dict(static=True),
+                                       default=None)
 
 
 def _to_kernel_order(x, roles: str, keep: str, first: str) -> Any:
@@ -48,8 +122,13 @@ class Factored:
 
   def __init__(self, w, a, b, gain, rng, ids, roles: str,
                orig: tuple[int, ...], scale: float, path: str, layout: str,
-               dropout: float, group_scales: tuple[float, ...] = ()):
+               dropout: float, group_scales: tuple[float, ...] = (),
+               selected: bool = False):
     self.w, self.a, self.b = w, a, b
+    # Whether stacked axes were indexed (experts picked per token): a
+    # stacked axis such a product keeps is an expert axis, not a misread
+    # output axis.
+    self.selected = selected
     # Mixed-adapter batches (a `MultiLoRA` node): the rank axis holds
     # len(group_scales) adapters side by side, and example k of the batch
     # uses adapter ids[k] (negative: none).
@@ -64,7 +143,7 @@ class Factored:
 
   _CHILDREN = ("w", "a", "b", "gain", "rng", "ids")
   _AUX = ("roles", "orig", "scale", "path", "layout", "dropout",
-          "group_scales")
+          "group_scales", "selected")
 
   def tree_flatten(self):
     return (tuple(getattr(self, k) for k in self._CHILDREN),
@@ -229,7 +308,8 @@ class Factored:
   def with_selection(self, arrays: dict, roles: str,
                      orig: tuple[int, ...]) -> "Factored":
     """The kernel after a selection: new `aligned` arrays and axis roles."""
-    return self.replace(**arrays, roles=roles, orig=tuple(orig))
+    return self.replace(**arrays, roles=roles, orig=tuple(orig),
+                        selected=True)
 
   # -- uses ---------------------------------------------------------------
 
@@ -262,7 +342,8 @@ class Factored:
     else:
       xc, kc, xb, kb = rc, lc, rb, lb
     xc, kc, xb, kb = (tuple(int(i) for i in t) for t in (xc, kc, xb, kb))
-    self._check_contraction(kc, kb)
+    if not self._check_contraction(kc, kb):
+      return None
     letters = iter(string.ascii_letters)
     xl = [next(letters) for _ in range(x.ndim)]
     kl: list[str | None] = [None] * len(self.roles)
@@ -279,11 +360,12 @@ class Factored:
     k_free = [kl[j] for j in range(len(kl)) if j not in kc and j not in kb]
     batch = [xl[i] for i in xb]
     out = batch + (x_free + k_free if kernel_is_rhs else k_free + x_free)
-    # Without free axes of x, its first batch axis: the token axis that a
-    # kernel gathered per token (w[expert_ids]) shares with x.
-    example = next((i for i in range(x.ndim) if i not in xc and i not in xb),
-                   min(xb, default=None))
-    return _Plan(xl, kl, al, bl, tl, out, example)
+    free = tuple(i for i in range(x.ndim) if i not in xc and i not in xb)
+    if not free and xb:
+      # Without free axes of x, its first batch axis: the token axis that a
+      # kernel gathered per token (w[expert_ids]) shares with x.
+      free = (min(xb),)
+    return _Plan(xl, kl, al, bl, tl, out, free)
 
   def shares_input_product(self, x, kernel_is_rhs: bool, params: dict):
     """The key under which kernels may share one ``x @ [a_1, a_2, ...]``.
@@ -294,6 +376,8 @@ class Factored:
     if self.rng is not None:
       return None
     plan = self._plan(x, kernel_is_rhs, params)
+    if plan is None:
+      return None
     # Stacked adapters (one `jlora.wrap` call has one `adapter_ids`) share
     # with stacks of as many adapters.
     groups = len(self.group_scales)
@@ -307,6 +391,8 @@ class Factored:
     with other kernels that read the same `x`).
     """
     plan = self._plan(x, kernel_is_rhs, params)
+    if plan is None:  # a layout mismatch, reported when the trace ends
+      return self._base_product(x, kernel_is_rhs, bind)
     xl, kl, al, bl, tl, out = (plan.xl, plan.kl, plan.al, plan.bl, plan.tl,
                                plan.out)
     r = al[-1]
@@ -319,16 +405,19 @@ class Factored:
     if self.group_scales:
       # Punica/S-LoRA's batched gather-matmul: each example's own (in, r)
       # and (r, out) factors are gathered and multiplied batch-wise.
-      ids = self._example_ids(x, plan.example)
-      e = xl[plan.example]
+      axis = self._example_axis(x, plan.free)
+      ids = self._example_ids(x, axis)
+      e = xl[axis]
       a = a if t is not None else self._gather(a, ids, al, e)
       b = self._gather(b, ids, bl, e)
       al, bl = _with_example(al, e), _with_example(bl, e)
-      scale = jnp.asarray(self.group_scales + (0.0,), out_dtype)[ids]
+      # Index n: -1, no adapter (scale 0); n + 1: out of range, NaN.
+      scale = jnp.asarray(self.group_scales + (0.0, math.nan), out_dtype)[ids]
       scale = scale.reshape([-1 if l == e else 1 for l in tl])
     if t is None:
-      t = jnp.einsum(f"{''.join(xl)},{''.join(al)}->{''.join(tl)}",
-                     self._dropout(x), a.astype(dtype), precision=precision,
+      xd, xdl = self._dropout(x, plan)
+      t = jnp.einsum(f"{''.join(xdl)},{''.join(al)}->{''.join(tl)}",
+                     xd, a.astype(dtype), precision=precision,
                      preferred_element_type=out_dtype)
     t = (t * scale).astype(dtype)
     delta = jnp.einsum(f"{''.join(tl)},{''.join(bl)}->{''.join(out)}", t,
@@ -373,8 +462,9 @@ class Factored:
     first = jax.lax.RaggedDotDimensionNumbers(
         ((tuple(lc), tuple(pa[k] for k in rc)),
          (tuple(lb), tuple(pa[k] for k in rb))), [m], [pa[g]])
-    t = jax.lax.ragged_dot_general(self._dropout(x), self.a.astype(dtype),
-                                   group_sizes, first, **options)
+    t = jax.lax.ragged_dot_general(self._dropout_rows(x),
+                                   self.a.astype(dtype), group_sizes, first,
+                                   **options)
     scale = jnp.asarray(self.scale, out_dtype)
     if self.group_scales:
       scale = self._row_scales(example_rows, t.shape)
@@ -402,8 +492,12 @@ class Factored:
           " ragged_dot, which needs a 2-D (rows, features) input whose rows"
           " are gathered from the tokens; run one adapter at a time"
           " (jlora.select) for this model")
-    ids = jnp.where(self.ids < 0, n, self.ids)[example_rows]
-    scales = jnp.asarray(self.group_scales + (0.0,), jnp.float32)[ids]
+    ids = self.ids.ids
+    # -1: no adapter (scale 0); out of range (only under jit): NaN rows.
+    ids = jnp.where(ids == -1, n, jnp.where((ids < -1) | (ids >= n), n + 1,
+                                            ids))[example_rows]
+    scales = jnp.asarray(self.group_scales + (0.0, math.nan),
+                         jnp.float32)[ids]
     blocks = (jnp.arange(n) == ids[:, None]) * scales[:, None]
     return jnp.repeat(blocks, shape[1] // n, axis=1)
 
@@ -426,24 +520,56 @@ class Factored:
     shape = [x.shape[d] if d == m else 1 for d in x_free]
     return gain[rows].reshape(*shape, *gain.shape[1:]).astype(dtype)
 
-  def _example_ids(self, x, example: int | None):
-    """Each row's adapter index along x's `example` axis; n for no adapter.
+  def _example_axis(self, x, free: tuple) -> int:
+    """The axis of `x` along which examples run their own adapters.
 
-    The example axis is the first axis of `x` that is neither contracted
-    nor a batch axis of the product: the batch of a (batch, seq, features)
-    input. A flattened (batch * seq, features) input repeats each id.
+    ``adapter_ids_axis`` when given; else the one uncontracted axis of size
+    B (the number of ids), or failing that the one whose size is a multiple
+    of B (a batch-major flattened (B * T, features) input). Two candidates
+    are ambiguous, e.g. a (B, T, F) input with T == B: then it raises.
+    """
+    batch, axis, shape = self.ids.ids.shape[0], self.ids.axis, tuple(x.shape)
+    where = (f"the input of the product with '{self.path}' has shape {shape}"
+             f" (uncontracted axes {list(free)})")
+    if axis is not None:
+      k = axis + x.ndim if axis < 0 else axis
+      if k not in free or shape[k] % batch:
+        raise ValueError(
+            f"adapter_ids_axis={axis}, but {where}: the axis must be an"
+            f" uncontracted axis of size {batch} (the number of adapter_ids)"
+            f" or a multiple of it (a batch-major flattened batch)")
+      return k
+    exact = [k for k in free if shape[k] == batch]
+    found = exact or [k for k in free if shape[k] % batch == 0]
+    if len(found) == 1 or (found and batch == 1):
+      return found[0]  # with one example any axis gives the same result
+    if not found:
+      raise ValueError(
+          f"adapter_ids has {batch} entries, but {where}: no uncontracted"
+          f" axis has size {batch} (or a multiple of it); pass the batch's"
+          " adapter_ids, or name the batch axis with adapter_ids_axis=k")
+    raise ValueError(
+        f"adapter_ids has {batch} entries and {where}: axes {found} could"
+        " each be the batch axis. Name it: jlora.wrap(fn)(...,"
+        " adapter_ids=ids, adapter_ids_axis=k), k the batch axis of the"
+        " products' inputs (negative counts from the end, e.g. -2 for"
+        " (..., batch, features))")
+
+  def _example_ids(self, x, axis: int):
+    """Each row's adapter index along x's `axis`, n for no adapter.
+
+    A flattened (batch * seq, features) input repeats each id. Ids out of
+    -1..n-1 (possible only under jit, where values are unknown while
+    tracing) map to n + 1, whose scale is NaN: their examples' outputs are
+    NaN, never silently the base's.
     """
     n = len(self.group_scales)
-    batch = self.ids.shape[0]
-    size = None if example is None else x.shape[example]
-    if size is None or size % batch:
-      raise ValueError(
-          f"adapter_ids has {batch} entries, but the input of the product"
-          f" with '{self.path}' has shape {tuple(x.shape)}: its first"
-          " uncontracted axis must be the batch (or batch * sequence) axis")
-    ids = self.ids if size == batch else jnp.repeat(self.ids, size // batch)
-    # A negative id runs no adapter: it indexes past the end, filled with 0.
-    return jnp.where(ids < 0, n, ids)
+    ids = self.ids.ids
+    size, batch = x.shape[axis], ids.shape[0]
+    ids = ids if size == batch else jnp.repeat(ids, size // batch)
+    # -1 runs no adapter: it indexes past the end, filled with 0.
+    return jnp.where(ids == -1, n, jnp.where((ids < -1) | (ids >= n), n + 1,
+                                             ids))
 
   def _gather(self, factor, ids, letters=(), e=None):
     """(..., n * r) -> (..., E, r): each example's own adapter's factor.
@@ -483,32 +609,77 @@ class Factored:
                           policy=jax.checkpoint_policies.nothing_saveable)(
                               x, self.w)
 
-  def _dropout(self, x):
+  def _dropout_rows(self, x):
+    """The ragged product's input masked: one mask over its rows, drawn
+    from the first expert's key (the rows meet their experts only inside
+    the grouped product)."""
     if self.rng is None:
       return x
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      x = x.astype(self.w.dtype)
     key = self.rng if self.rng.ndim == 0 else self.rng.reshape(-1)[0]
     keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
     return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
 
-  def _check_contraction(self, kc, kb):
+  def _dropout(self, x, plan: "_Plan"):
+    """(dropped x, its einsum letters): the adapter path's input masked.
+
+    Each stacked index ``l`` of the kernel draws its own mask from its own
+    key ``rng[l]`` over the input's other axes, as one layer of a scan over
+    the stack does. A stacked axis that `x` lacks (one input, one product
+    per layer) is added to the dropped input.
+    """
+    if self.rng is None:
+      return x, plan.xl
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      x = x.astype(self.w.dtype)  # 1 / (1 - p) must not truncate
+    sl = [l for l, r in zip(plan.kl, self.roles) if r == "b"]
+    rest = [l for l in plan.xl if l not in sl]
+    draw = lambda key: jax.random.bernoulli(
+        key, 1.0 - self.dropout, [x.shape[plan.xl.index(l)] for l in rest])
+    for _ in sl:
+      draw = jax.vmap(draw)
+    keys = self.rng
+    if self.selected and keys.ndim:
+      # Experts gathered per row (w[expert_ids]) repeat their keys; folding in
+      # the row's position keeps rows that share an expert independent.
+      flat = keys.reshape(-1)
+      keys = jax.vmap(jax.random.fold_in)(
+          flat, jnp.arange(flat.shape[0], dtype=jnp.uint32)).reshape(keys.shape)
+    keep = draw(keys)  # letters sl + rest
+    letters = plan.xl + [l for l in sl if l not in plan.xl]
+    keep = jnp.transpose(keep, [(sl + rest).index(l) for l in letters])
+    x = x.reshape(*x.shape, *[1] * (len(letters) - x.ndim))
+    return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype), letters
+
+  def _check_contraction(self, kc, kb) -> bool:
+    """False (the mismatch recorded, or raised outside `wrap`) if the
+    product contracts other axes than the layout's inputs."""
     inputs = {k for k, r in enumerate(self.roles) if r == "i"}
-    if set(kc) == inputs and not any(self.roles[k] == "o" for k in kb):
-      return
-    # Name the layout that would fit, in the kernel's original axis order.
-    suggested = ["o"] * len(self.layout)
-    for k in kb:
-      if self.orig[k] >= 0:
-        suggested[self.orig[k]] = "b"
-    for k in kc:
-      if self.orig[k] >= 0:
-        suggested[self.orig[k]] = "i"
-    suggestion = "".join(suggested)
-    raise LayoutError(
-        f"LoRA kernel '{self.path}' (layout '{self.layout}') is contracted on"
-        f" its axes {sorted(self.orig[k] for k in kc)} but its layout says the"
-        f" input axes are {[k for k, r in enumerate(self.layout) if r == 'i']}."
-        f" Re-create the adapter with jlora.apply(...,"
-        f" layout={{{self.path!r}: {suggestion!r}}}).")
+    kept = [k for k in range(len(self.roles)) if k not in kc and k not in kb]
+    # A stacked axis the product keeps (gemma's heads read as 'bio') would
+    # silently be one adapter per head: it is an output axis.
+    kept_stacked = [k for k in kept if self.roles[k] == "b"
+                    and self.w.shape[k] != 1 and not self.selected]
+    if set(kc) == inputs and not any(self.roles[k] == "o" for k in kb) and (
+        not kept_stacked):
+      return True
+    # Name the layout that would fit, in the kernel's original axis order:
+    # a stacked axis this view no longer has (scanned over) stays stacked.
+    suggested = ["b" if r == "b" else "o" for r in self.layout]
+    for k, o in enumerate(self.orig):
+      if o >= 0:
+        suggested[o] = "i" if k in kc else "b" if k in kb else "o"
+    found = _Mismatch(self.path, self.layout,
+                      tuple(sorted(self.orig[k] for k in kc)),
+                      tuple(sorted(self.orig[k] for k in kept)),
+                      "".join(suggested))
+    pending = _MISMATCHES.get()
+    if pending is None:
+      raise LayoutError(_layout_message([found]))
+    if found not in pending:
+      pending.append(found)
+    return False
 
 
 def _with_example(letters: list, e: str) -> list:
@@ -523,7 +694,7 @@ class _Plan(NamedTuple):
   bl: list
   tl: list
   out: list
-  example: int | None
+  free: tuple  # x's axes neither contracted nor batch axes of the product
 
 
 def shared_input_products(kernels, x, kernel_is_rhs: bool, params: dict):
@@ -541,8 +712,9 @@ def shared_input_products(kernels, x, kernel_is_rhs: bool, params: dict):
       x.dtype, dtype)
   al = plan.al
   if first.group_scales:  # each kernel's per-example factors, gathered
-    ids = first._example_ids(x, plan.example)  # one adapter_ids per call
-    e = plan.xl[plan.example]
+    axis = first._example_axis(x, plan.free)
+    ids = first._example_ids(x, axis)  # one adapter_ids per call
+    e = plan.xl[axis]
     factors = [k._gather(k.a, ids, al, e) for k in kernels]
     al = _with_example(al, e)
   else:

@@ -306,21 +306,32 @@ def quantize_array(x: Array, layout: str, *, scaling: str = "channel",
   axes = tuple(k for k, r in enumerate(layout) if r in shared)
   static = dict(dtype=jnp.dtype(dtype), scaling=scaling, product=product)
 
-  def impl(x):
-    values, scale = quantize(x.astype(jnp.float32), axes)
-    return Fp8Array(values, scale, **static), jnp.isfinite(scale).all()
-
+  items = tuple(static.items())
   if isinstance(x, jax.core.Tracer):
-    return impl(x)[0]
+    return _quantize_impl(axes, items, x)[0]
   shardings = _out_shardings(x, axes, static)
-  out, finite = (jax.jit(impl) if shardings is None else
-                 jax.jit(impl, out_shardings=shardings))(x)
+  out, finite = _quantize_program(axes, items, shardings)(x)
   if not bool(finite):
     raise ValueError(
         f"kernel '{path}' has NaN or inf values, which have no FP8 scale;"
         " repair the weights, or leave this kernel out of quantization"
         " (exclude=...)")
   return out
+
+
+def _quantize_impl(axes, static, x):
+  values, scale = quantize(x.astype(jnp.float32), axes)
+  return Fp8Array(values, scale, **dict(static)), jnp.isfinite(scale).all()
+
+
+@functools.lru_cache(maxsize=256)
+def _quantize_program(axes, static, shardings):
+  """One jitted quantization per setting and placement (compiled once per
+  input shape, not once per kernel)."""
+  impl = functools.partial(_quantize_impl, axes, static)
+  if shardings is None:
+    return jax.jit(impl)
+  return jax.jit(impl, out_shardings=shardings)
 
 
 def _out_shardings(x, axes, static):

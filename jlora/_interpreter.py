@@ -258,8 +258,10 @@ def _jit_rule(eqn, invals, share=True):
 def _remat_rule(eqn, invals, share=True):
   jaxpr, consts = _closed(eqn.params["jaxpr"])
 
+  # Kernels the body returns (`nnx.remat` returns the module's state) leave
+  # it factored: fusing them there would form every update matrix.
   def body(*args):
-    return eval_jaxpr(jaxpr, consts, args, fuse_outputs=True, share=share)
+    return eval_jaxpr(jaxpr, consts, args, fuse_outputs=False, share=share)
 
   return jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"],
                         policy=eqn.params["policy"])(*invals)

@@ -12,6 +12,16 @@ Facts taken from peft 0.21 (`peft/tuners/lora/config.py`,
   numbered segment after ``layers_pattern`` (or after any segment) is listed.
 - The file is written with ``json.dumps(config, indent=2, sort_keys=True)``.
 
+- ``target_parameters`` (3-D expert parameters, wrapped by ``ParamWrapper``)
+  targets a parameter whose key (``<module>.<name>``) is listed or ends with
+  ``"." + entry``; ``layers_to_transform`` and ``exclude_modules`` do not apply
+  to it, ``rank_pattern`` / ``alpha_pattern`` match the parameter key. Several
+  targeted parameters of one module are nested wrappers in the module's
+  registration order, the last one outermost, so the adapter of the j-th of n
+  is stored under ``<module>`` + ``.base_layer`` * (n - 1 - j). Its factors
+  are ``lora_A`` [r * E, in], rows expert-major (e * r + k), and ``lora_B``
+  [out, r * E], columns rank-major (k * E + e).
+
 Module names are the transformers model's own, e.g.
 ``model.layers.0.self_attn.q_proj`` (no ``base_model.model.`` prefix).
 """
@@ -30,6 +40,10 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # The PEFT release whose file layout `jlora.peft.save` writes.
 PEFT_VERSION = "0.21.2"
 KEY_PREFIX = "base_model.model."
+# The order in which transformers 5's MoE expert modules (Mixtral,
+# Qwen2/3-MoE, DeepSeek, ...) register their 3-D parameters; PEFT nests the
+# wrappers of several targeted parameters of one module in this order.
+EXPERT_PARAMETER_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class PeftFormatError(ValueError):
@@ -82,7 +96,6 @@ _UNSUPPORTED_HINTS = {
     "kasa_config": "the KaSA variant",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "layer_replication": "replicated layers",
-    "target_parameters": "adapters on raw nn.Parameters (MoE experts)",
 }
 
 
@@ -170,6 +183,8 @@ _TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "layers_pattern": (lambda v: v is None or isinstance(v, str)
                        or _str_list(v),
                        "null, a string or a list of strings"),
+    "target_parameters": (lambda v: v is None or _str_list(v),
+                          "null or a list of parameter names"),
 }
 HONOURED = frozenset(_TYPES) | {"peft_type", "fan_in_fan_out"}
 # Defaults of LoraConfig for the fields `load` reads.
@@ -177,7 +192,8 @@ _READ_DEFAULTS = {"peft_type": "LORA", "r": 8, "lora_alpha": 8,
                   "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
                   "exclude_modules": None, "rank_pattern": {},
                   "alpha_pattern": {}, "layers_to_transform": None,
-                  "layers_pattern": None, "fan_in_fan_out": False}
+                  "layers_pattern": None, "fan_in_fan_out": False,
+                  "target_parameters": None}
 
 
 def check(config: dict[str, Any]) -> dict[str, Any]:
@@ -194,13 +210,23 @@ def check(config: dict[str, Any]) -> dict[str, Any]:
     raise PeftFormatError(
         f"adapter_config.json has peft_type={config['peft_type']!r};"
         " jlora.peft.load reads LoRA adapters only (peft_type='LORA')")
-  if "target_modules" not in config or config["target_modules"] is None:
-    raise PeftFormatError(
-        "adapter_config.json has target_modules=None; jlora needs the"
-        " target module names the adapter was trained on")
+  if config.get("target_modules") is None:
+    if not config.get("target_parameters"):
+      raise PeftFormatError(
+          "adapter_config.json has target_modules=None (and no"
+          " target_parameters); jlora needs the target module names the"
+          " adapter was trained on")
+    config["target_modules"] = []
   for name, (ok, expected) in _TYPES.items():
     if not ok(config[name]):
       raise _type_error(name, config[name], expected)
+  if config["target_parameters"] and (config["use_dora"]
+                                      or config["lora_dropout"]):
+    field = "use_dora" if config["use_dora"] else "lora_dropout"
+    raise PeftFormatError(
+        f"adapter_config.json has target_parameters with {field}="
+        f"{config[field]!r}; PEFT's ParamWrapper (expert parameters) refuses"
+        " DoRA and dropout, so no PEFT model can hold this adapter")
   for name in ("rank_pattern", "alpha_pattern"):
     patterns = config[name] = config[name] or {}
     rank = name == "rank_pattern"
@@ -302,6 +328,42 @@ def is_targeted(config: dict[str, Any], name: str) -> bool:
   return index == layers if isinstance(layers, int) else index in layers
 
 
+def is_parameter_targeted(config: dict[str, Any], key: str) -> bool:
+  """Whether PEFT wraps the parameter `key` (``<module>.<name>``)."""
+  targets = config.get("target_parameters") or []
+  return key in targets or any(key.endswith(f".{t}") for t in targets)
+
+
+def wrapper_names(keys: Iterable[str]) -> dict[str, str]:
+  """PEFT module name of each targeted parameter key's ``ParamWrapper``.
+
+  Parameters of one module nest in `EXPERT_PARAMETER_ORDER`; the last is
+  the outermost wrapper (the module's own name), each earlier one a
+  ``.base_layer`` further in.
+
+  >>> wrapper_names(["m.experts.gate_up_proj", "m.experts.down_proj"])
+  {'m.experts.gate_up_proj': 'm.experts.base_layer', 'm.experts.down_proj': 'm.experts'}
+  """
+  by_module = collections.defaultdict(list)
+  for key in keys:
+    module, _, name = key.rpartition(".")
+    by_module[module].append(name)
+  out = {}
+  for module, names in by_module.items():
+    unknown = [n for n in names if n not in EXPERT_PARAMETER_ORDER]
+    if len(names) > 1 and unknown:
+      raise PeftFormatError(
+          f"parameters {sorted(names)} of module '{module}' are all adapted,"
+          f" but PEFT nests their wrappers in the module's registration order,"
+          f" known only for {EXPERT_PARAMETER_ORDER}; {unknown} is not among"
+          " them. Adapt one parameter per module, or save the adapters"
+          " separately")
+    names = sorted(names, key=EXPERT_PARAMETER_ORDER.index)
+    for j, name in enumerate(names):
+      out[f"{module}.{name}"] = module + ".base_layer" * (len(names) - 1 - j)
+  return out
+
+
 def pattern_value(patterns: dict[str, Any] | None, name: str, default: Any):
   """PEFT's rank/alpha pattern lookup: the first key ending `name` wins."""
   for key, value in (patterns or {}).items():
@@ -313,25 +375,27 @@ def pattern_value(patterns: dict[str, Any] | None, name: str, default: Any):
 # ----------------------------------------------------------------- writing
 
 
-def _suffix(name: str) -> str:
-  return name.rsplit(".", 1)[-1]
+def _suffix(name: str, segments: int = 1) -> str:
+  return ".".join(name.split(".")[-segments:])
 
 
-def target_modules(targeted: Iterable[str], linear: Iterable[str]) -> list:
+def target_modules(targeted: Iterable[str], linear: Iterable[str],
+                   segments: int = 1) -> list:
   """Shortest list PEFT expands to exactly `targeted` among `linear`.
 
-  A module-name suffix (``q_proj``) stands for all linear modules ending
-  with it when every one of them is targeted; otherwise the targeted ones are
-  listed by full name.
+  A name suffix of `segments` dotted parts (``q_proj``; with 2,
+  ``experts.gate_up_proj`` for `target_parameters`) stands for all names
+  ending with it when every one of them is targeted; otherwise the targeted
+  ones are listed in full.
   """
   targeted = set(targeted)
   by_suffix = collections.defaultdict(set)
   for name in linear:
-    by_suffix[_suffix(name)].add(name)
+    by_suffix[_suffix(name, segments)].add(name)
   out = set()
   for name in targeted:
-    siblings = by_suffix[_suffix(name)]
-    out.add(_suffix(name) if siblings <= targeted else name)
+    siblings = by_suffix[_suffix(name, segments)]
+    out.add(_suffix(name, segments) if siblings <= targeted else name)
   return sorted(out)
 
 

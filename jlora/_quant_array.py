@@ -40,6 +40,7 @@ block of the slice).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any
@@ -491,11 +492,8 @@ def quantize_array(x: Array, method: str = "nf4", *, block_size: int = 64,
                 slice_shape=slice_shape,
                 dtype=_floating(dtype, "the compute dtype"))
 
-  def impl(x):
-    codes, absmax, absmax2, offset = quantize_arrays(
-        x, method, block_size, double_quant, stacked)
-    return QuantizedArray(codes, absmax, absmax2, offset, **static)
-
+  impl = functools.partial(_quantize_impl, method, block_size, double_quant,
+                           stacked, tuple(static.items()))
   if isinstance(x, jax.core.Tracer):
     return impl(x)
   bad = int(_count_nonfinite(x))
@@ -507,9 +505,26 @@ def quantize_array(x: Array, method: str = "nf4", *, block_size: int = 64,
         f"{wide}) of {x.size}; a block scale cannot represent them. Fix the"
         " kernel (e.g. jnp.nan_to_num) or leave it out of the targets")
   shardings = _out_shardings(x, stacked, static, double_quant)
+  return _quantize_program(method, block_size, double_quant, stacked,
+                           tuple(static.items()), shardings)(x)
+
+
+def _quantize_impl(method, block_size, double_quant, stacked, static, x):
+  codes, absmax, absmax2, offset = quantize_arrays(
+      x, method, block_size, double_quant, stacked)
+  return QuantizedArray(codes, absmax, absmax2, offset, **dict(static))
+
+
+@functools.lru_cache(maxsize=256)
+def _quantize_program(method, block_size, double_quant, stacked, static,
+                      shardings):
+  """One jitted quantization per setting and placement, compiled once per
+  input shape: loading a model quantizes hundreds of same-shaped slices."""
+  impl = functools.partial(_quantize_impl, method, block_size, double_quant,
+                           stacked, static)
   if shardings is None:
-    return jax.jit(impl)(x)
-  return jax.jit(impl, out_shardings=shardings)(x)
+    return jax.jit(impl)
+  return jax.jit(impl, out_shardings=shardings)
 
 
 @jax.jit

@@ -434,8 +434,8 @@ def unstack_adapters(tree: Any) -> AdapterSet:
   return s
 
 
-def wrap(fn: Callable[..., Any], adapter: str | None | _Active = ACTIVE
-         ) -> Callable[..., Any]:
+def wrap(fn: Callable[..., Any], adapter: str | None | _Active = ACTIVE, *,
+         adapter_ids_axis: int | None = None) -> Callable[..., Any]:
   """`jlora.wrap` that accepts `AdapterSet`s in its arguments.
 
   Every `AdapterSet` among the arguments (at any depth, e.g.
@@ -449,12 +449,13 @@ def wrap(fn: Callable[..., Any], adapter: str | None | _Active = ACTIVE
     fn: e.g. ``model.apply``.
     adapter: the adapter to run; default each set's active one; ``None``
       runs the bare base.
+    adapter_ids_axis: the batch axis for ``adapter_ids``, as in `jlora.wrap`.
 
   Example:
     >>> sql = jlora.wrap_adapter(model.apply, adapter="sql")
     >>> logits = sql({"params": s}, x)
   """
-  lora_fn = _lora_wrap(fn)
+  lora_fn = _lora_wrap(fn, adapter_ids_axis=adapter_ids_axis)
 
   @functools.wraps(fn)
   def wrapped(*args, adapter_ids=None, **kwargs):

@@ -130,9 +130,47 @@ class LoRA:
           " None); pass jlora.combine(trainable, frozen) instead")
     return self
 
+  def check_arrays(self) -> "LoRA":
+    """Raises ValueError unless the node's arrays are floating point and
+    their shapes fit ``w`` and ``layout``; returns the node.
+
+    An integer or bool base would truncate ``w + scale * a @ b`` (or cast
+    the factors to integers, losing the adapter): LoRA is defined on
+    floating-point kernels only. Fields that are None (a partition half)
+    are skipped.
+    """
+    for name in ("w", "a", "b", "e", "m"):
+      x = getattr(self, name)
+      dtype = getattr(x, "dtype", None)
+      if x is not None and dtype is not None and not jnp.issubdtype(
+          dtype, jnp.floating):
+        raise ValueError(
+            f"LoRA node '{self.path}' has {name} of dtype {jnp.dtype(dtype)};"
+            " LoRA needs floating-point arrays throughout. Cast the kernel"
+            f" and factors to a float dtype (e.g. {name}.astype(jnp.float32))"
+            " or leave an integer/bool kernel without an adapter")
+    if self.w is None or not hasattr(self.w, "shape"):
+      return self
+    check_layout(self.layout, self.shape, self.path)
+    stacked, fan_in, fan_out = factor_shapes(self.layout, self.shape)
+    lead = (len(self.names),) if isinstance(self, MultiLoRA) else ()
+    ref = self.a if self.a is not None else self.b
+    r = None if ref is None else self.rank
+    want = {"a": (*lead, *stacked, fan_in, r), "b": (*lead, *stacked, r, fan_out),
+            "e": (*stacked, r), "m": (*stacked, fan_out)}
+    for name, shape in want.items():
+      x = getattr(self, name)
+      if x is not None and hasattr(x, "shape") and tuple(x.shape) != shape:
+        raise ValueError(
+            f"LoRA node '{self.path}' has {name} of shape {tuple(x.shape)},"
+            f" but its kernel {self.shape} with layout '{self.layout}' needs"
+            f" {shape} (rank {r}); the arrays come from different kernels or"
+            " ranks")
+    return self
+
   def delta(self, dtype=None) -> Array:
     """``scale * a @ b`` laid out like ``w`` (forms the full matrix)."""
-    self.check_complete()
+    self.check_complete().check_arrays()
     b = self.b if self.e is None else self.e[..., :, None] * self.b
     ab = jnp.einsum("...ir,...ro->...io", self.a, b,
                     precision=jax.lax.Precision.HIGHEST)
@@ -145,7 +183,7 @@ class LoRA:
 
     With a DoRA magnitude ``m``: ``m * W' / ||W'||``, norms per output.
     """
-    w = base_array(self.check_complete().w)
+    w = base_array(self.check_complete().check_arrays().w)
     acc = jnp.promote_types(w.dtype, jnp.float32)
     fused = w.astype(acc) + self.delta(acc)
     if self.m is not None:

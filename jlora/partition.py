@@ -34,20 +34,39 @@ def _node_split(node: LoRA, keep_trainable: bool) -> LoRA:
 
 
 def _full_paths(tree: Any, full: Selector) -> set[str]:
-  if full is None:
-    return set()
-  sels = [full] if isinstance(full, str) or callable(full) else list(full)
-  leaves = [(p, x) for p, x in _paths.leaves_with_path(tree) if not is_lora(x)]
+  """Paths `full` selects; raises when the tree would train nothing."""
+  leaves = _paths.leaves_with_path(tree)
   chosen = set()
-  for sel in sels:
-    match = matcher(sel)
-    hits = {p for p, x in leaves if match(p, x)}
-    if not hits:
-      raise ValueError(
-          f"full={sel!r} matched no parameter outside the adapters; paths"
-          f" look like {[p for p, _ in leaves[:5]]}")
-    chosen |= hits
+  if full is not None:
+    sels = [full] if isinstance(full, str) or callable(full) else list(full)
+    plain = [(p, x) for p, x in leaves if not is_lora(x)]
+    for sel in sels:
+      match = matcher(sel)
+      hits = {p for p, x in plain if match(p, x)}
+      nodes = [p for p, x in leaves if is_lora(x) and match(p, x)]
+      if nodes:
+        # A LoRA kernel's base stays frozen: training it fully as well
+        # would be a different method, not silently half-done.
+        raise ValueError(
+            f"full={sel!r} selects {nodes[:4]}, which hold LoRA adapters;"
+            " their base kernels stay frozen. Narrow full= to the plain"
+            " params to train fully, or leave those kernels out of the"
+            " targets of jlora.apply")
+      if not hits:
+        raise ValueError(
+            f"full={sel!r} matched no parameter outside the adapters; paths"
+            f" look like {[p for p, _ in plain[:5]]}")
+      chosen |= hits
   return chosen
+
+
+def _require_trained(tree: Any, full_paths: set[str], what: str) -> None:
+  if not full_paths and not any(
+      is_lora(x) for _, x in _paths.leaves_with_path(tree)):
+    raise ValueError(
+        f"{what}: the tree holds no LoRA nodes, so nothing would be trained;"
+        " call jlora.apply(params, rank, key=...) first (or pass full= to"
+        " train selected params fully)")
 
 
 def partition(tree: Any, *, full: Selector = None) -> tuple[Any, Any]:
@@ -70,7 +89,11 @@ def partition(tree: Any, *, full: Selector = None) -> tuple[Any, Any]:
     >>> lp2 = jlora.combine(trainable, frozen)
   """
   full_paths = _full_paths(tree, full)
+  _require_trained(tree, full_paths, "partition")
+  return _split(tree, full_paths)
 
+
+def _split(tree: Any, full_paths: set[str]) -> tuple[Any, Any]:
   def split(path, x, keep_trainable):
     if is_lora(x):
       return _node_split(x, keep_trainable)
@@ -81,28 +104,86 @@ def partition(tree: Any, *, full: Selector = None) -> tuple[Any, Any]:
   return trainable, frozen
 
 
-def _combine_leaf(t: Any, f: Any) -> Any:
+def _statics(node: LoRA) -> dict:
+  return {f.name: getattr(node, f.name) for f in dataclasses.fields(node)
+          if f.metadata.get("static")}
+
+
+def _combine_leaf(path: str, t: Any, f: Any) -> Any:
+  halves = (" Pass the two halves that one jlora.partition call returned (the"
+            " same tree, the same targets).")
+  if is_lora(t) != is_lora(f) and t is not None and f is not None:
+    which = "trainable" if is_lora(t) else "frozen"
+    raise ValueError(
+        f"combine: '{path}' is an adapter in the {which} half but a plain"
+        " array in the other; the halves come from different target sets."
+        + halves)
+  if is_lora(t) and f is None or is_lora(f) and t is None:
+    which, other = ("trainable", "frozen") if t is not None else (
+        "frozen", "trainable")
+    raise ValueError(
+        f"combine: '{path}' is an adapter in the {which} half but missing"
+        f" (None) in the {other} half; the halves come from different target"
+        " sets." + halves)
   if t is None:
     return f
-  if is_lora(t) and is_lora(f):
-    return dataclasses.replace(t, **{
-        name: getattr(f, name) if getattr(t, name) is None else getattr(t, name)
-        for name in _fields(t)})
   if f is None:
     return t
-  raise ValueError(
-      f"combine found a value in both halves ({type(t).__name__} and"
-      f" {type(f).__name__}); pass the two halves returned by jlora.partition")
+  if not is_lora(t):
+    raise ValueError(
+        f"combine found a value in both halves at '{path}' ({type(t).__name__}"
+        f" and {type(f).__name__})." + halves)
+  if type(t) is not type(f) or _statics(t) != _statics(f):
+    diff = [k for k in _statics(t) if _statics(t)[k] != _statics(f).get(k)]
+    raise ValueError(
+        f"combine: the halves' LoRA nodes at '{path}' differ"
+        f" ({type(t).__name__} and {type(f).__name__}, fields {diff}); the"
+        " halves come from different adapters." + halves)
+  both = [n for n in _fields(t)
+          if getattr(t, n) is not None and getattr(f, n) is not None]
+  if both:
+    raise ValueError(
+        f"combine: both halves hold {both} of '{path}'." + halves)
+  node = dataclasses.replace(t, **{
+      name: getattr(f, name) if getattr(t, name) is None else getattr(t, name)
+      for name in _fields(t)})
+  return node.check_arrays()  # shapes of one kernel, not of two trees
+
+
+def _first_difference(t_paths: list[str], f_paths: list[str]) -> str:
+  t_set, f_set = set(t_paths), set(f_paths)
+  only_t = [p for p in t_paths if p not in f_set]
+  only_f = [p for p in f_paths if p not in t_set]
+  if only_t:
+    return f"'{only_t[0]}' only in the trainable half"
+  if only_f:
+    return f"'{only_f[0]}' only in the frozen half"
+  return "the same paths in other container types"
 
 
 def combine(trainable: Any, frozen: Any) -> Any:
   """Inverse of `partition`: fills each ``None`` of one half from the other.
 
+  Raises ValueError naming the first mismatching path when the halves are
+  not the two halves of one `partition` (different trees or target sets).
+
   Example:
     >>> lp = jlora.combine(*jlora.partition(lp))
   """
-  return jax.tree.map(_combine_leaf, trainable, frozen,
-                      is_leaf=lambda x: x is None or is_lora(x))
+  # Quantized kernels are one leaf, as partition sees them.
+  is_leaf = lambda x: x is None or _paths.is_leaf(x)
+  t_flat, t_def = jax.tree_util.tree_flatten_with_path(trainable,
+                                                       is_leaf=is_leaf)
+  f_flat, f_def = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_leaf)
+  if t_def != f_def:
+    where = _first_difference([_paths.path_str(p) for p, _ in t_flat],
+                              [_paths.path_str(p) for p, _ in f_flat])
+    raise ValueError(
+        f"combine: the halves are different trees, first at {where}. Pass the"
+        " two halves that one jlora.partition call returned")
+  leaves = [_combine_leaf(_paths.path_str(p), t, f)
+            for (p, t), (_, f) in zip(t_flat, f_flat)]
+  return jax.tree.unflatten(t_def, leaves)
 
 
 def mask(tree: Any, *, full: Selector = None) -> Any:
@@ -113,6 +194,7 @@ def mask(tree: Any, *, full: Selector = None) -> Any:
   ``optax.multi_transform({True: tx, False: optax.set_to_zero()}, mask(lp))``.
   """
   full_paths = _full_paths(tree, full)
+  _require_trained(tree, full_paths, "mask")
 
   def leaf_mask(path, x):
     if not is_lora(x):

@@ -18,6 +18,18 @@ kernel (``model/layers/self_attn/q_proj/kernel``, shape (L, in, out),
 layout 'bio') is one PEFT module per layer: the layer index goes after the
 ``layers`` path segment.
 
+Stacked expert kernels (E, in, out), layout 'bio' ('bbio' scanned), are
+PEFT's ``target_parameters``: the 3-D parameter
+``model.layers.0.mlp.experts.gate_up_proj`` of transformers 5, wrapped by a
+``ParamWrapper`` whose factors hold every expert::
+
+    a (E, in, r)   <->  lora_A.weight [r * E, in]    row e * r + k = a[e, :, k]
+    b (E, r, out)  <->  lora_B.weight [out, r * E]   col k * E + e = b[e, k, :]
+
+under the key of the wrapper (``...mlp.experts`` for the outermost of a
+module's wrapped parameters, ``...mlp.experts.base_layer`` for the one it
+wraps; see `jlora._peft_config.wrapper_names`).
+
 Scale: ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), per module
 through ``rank_pattern`` / ``alpha_pattern``. DoRA (``use_dora``): the fused
 kernel is ``m * W' / ||W'||``, norms per output, in both libraries.
@@ -58,11 +70,14 @@ _BASE = "base_layer.weight"
 
 @dataclasses.dataclass
 class _Module:
-  """A linear kernel of the params tree, as one or more PEFT modules."""
+  """A kernel of the params tree, as one or more PEFT modules (a Linear) or
+  wrapped parameters (stacked experts)."""
   path: str
   leaf: Any
   layout: str
-  names: list[str]  # one per stacked index; one name for an 'io' kernel
+  names: list[str]  # one per stacked layer: module name, or parameter key
+  param: bool = False  # (E, in, out) experts: PEFT's target_parameters
+  scanned: bool = False  # a leading layer axis
 
 
 def _module_name(path: str, layers_key: str, index: int | None) -> str:
@@ -81,7 +96,8 @@ def _stack_slot(path: str, layers_key: str) -> bool:
 
 
 def _modules(tree: Any, layers_key: str) -> Iterator[_Module]:
-  """Linear kernels (leaves named 'kernel') that map to PEFT modules."""
+  """Kernels (leaves named 'kernel') that map to PEFT modules or to wrapped
+  expert parameters."""
   for path, leaf in _paths.leaves_with_path(tree):
     if path.rsplit("/", 1)[-1] != "kernel":
       continue
@@ -92,29 +108,78 @@ def _modules(tree: Any, layers_key: str) -> Iterator[_Module]:
       layout, shape = default_layout(leaf.ndim), tuple(leaf.shape)
     else:
       continue
-    if layout == "io":
-      yield _Module(path, leaf, layout, [_module_name(path, layers_key, None)])
-    elif layout == "bio" and _stack_slot(path, layers_key):
+    scanned = layout.startswith("b") and _stack_slot(path, layers_key)
+    inner = layout[1:] if scanned else layout
+    if inner not in ("io", "bio"):
+      if is_lora(leaf):
+        raise PeftFormatError(
+            f"LoRA node '{path}' has layout '{layout}'; a PEFT Linear adapter"
+            " needs a 2-D (in, out) kernel ('io') and a PEFT expert parameter"
+            " a stacked (experts, in, out) one ('bio'), either with a leading"
+            f" layer axis when scanned under a '{layers_key}' path segment")
+      continue
+    if scanned:
       layers = shape[0] if shape is not None else leaf.a.shape[0]
-      yield _Module(path, leaf, layout, [
-          _module_name(path, layers_key, i) for i in range(layers)])
-    elif is_lora(leaf):
-      raise PeftFormatError(
-          f"LoRA node '{path}' has layout '{layout}'; a PEFT Linear adapter"
-          " needs a 2-D (in, out) kernel ('io'), or a scanned (layers, in,"
-          f" out) kernel ('bio') under a '{layers_key}' path segment")
+      names = [_module_name(path, layers_key, i) for i in range(layers)]
+    else:
+      names = [_module_name(path, layers_key, None)]
+    yield _Module(path, leaf, layout, names, inner == "bio", scanned)
 
 
 def module_names(params: Any, *, layers_key: str = "layers") -> list[str]:
-  """PEFT module names of the linear kernels of `params`, in tree order.
+  """PEFT module names of the linear kernels of `params`, in tree order
+  (stacked expert kernels, PEFT parameters, are left out).
 
   >>> jlora.peft.module_names(params)[:2]
   ['lm_head', 'model.layers.0.mlp.down_proj']
   """
-  return [n for m in _modules(params, layers_key) for n in m.names]
+  return [n for m in _modules(params, layers_key) if not m.param
+          for n in m.names]
+
+
+def _wrappers(modules: list[_Module], keys) -> dict[str, str]:
+  """Parameter key -> PEFT wrapper module name, for the `keys` adapted."""
+  keys = set(keys)
+  return cfg.wrapper_names([n for m in modules if m.param for n in m.names
+                            if n in keys])
+
+
+def _to_peft(node: LoRA, index: int | None, param: bool):
+  """(lora_A, lora_B) of one layer of a node, as PEFT stores them."""
+  a, b = _host(node.a, index), _host(node.b, index)
+  if not param:
+    return a.T, b.T
+  e, fan_in, r = a.shape
+  return (a.transpose(0, 2, 1).reshape(e * r, fan_in),
+          b.transpose(2, 1, 0).reshape(b.shape[2], r * e))
+
+
+def _from_peft(lora_a: np.ndarray, lora_b: np.ndarray, experts: int | None):
+  """(a, b) of one layer from PEFT's lora_A, lora_B (float64 arrays)."""
+  if experts is None:
+    return lora_a.T, lora_b.T
+  r = lora_a.shape[0] // experts
+  a = lora_a.reshape(experts, r, -1).transpose(0, 2, 1)
+  b = lora_b.reshape(lora_b.shape[0], r, experts).transpose(2, 1, 0)
+  return a, b
 
 
 # --------------------------------------------------------------------- save
+
+
+def _check_expert_node(path: str, node: LoRA) -> None:
+  """PEFT's ParamWrapper refuses DoRA and dropout."""
+  if node.m is not None:
+    raise PeftFormatError(
+        f"LoRA node '{path}' on stacked experts has a DoRA magnitude m;"
+        " PEFT's target_parameters (ParamWrapper) has no DoRA: save the"
+        " expert adapters without dora=True")
+  if node.dropout:
+    raise PeftFormatError(
+        f"LoRA node '{path}' on stacked experts has dropout={node.dropout};"
+        " PEFT's target_parameters (ParamWrapper) refuses lora_dropout != 0:"
+        " use dropout=0.0 for the experts (and so for every node, PEFT's"
+        " config has one lora_dropout)")
 
 
 def _check_node(path: str, node: LoRA) -> None:
@@ -211,6 +276,9 @@ def save(tree: Any, directory: str | os.PathLike, *,
         " 'kernel'); call jlora.apply(params, ...) first")
   for path, node in nodes:
     _check_node(path, node)
+  for m in modules:
+    if m.param and is_lora(m.leaf):
+      _check_expert_node(m.path, m.leaf)
   other = [p for p, x in _paths.leaves_with_path(tree)
            if is_lora(x) and not p.endswith("/kernel")]
   if other:
@@ -223,29 +291,36 @@ def save(tree: Any, directory: str | os.PathLike, *,
   dora = _global(nodes, "use_dora (DoRA magnitude m)",
                  lambda n: n.m is not None)
 
+  adapted = {n for m in modules if m.param and is_lora(m.leaf)
+             for n in m.names}
+  wrapper = _wrappers(modules, adapted)
   tensors, ranks, alphas = {}, {}, {}
   for m in modules:
     if not is_lora(m.leaf):
       continue
     node = m.leaf
     for i, name in enumerate(m.names):
-      index = None if m.layout == "io" else i
-      key = cfg.KEY_PREFIX + name
-      tensors[f"{key}.{_A}"] = np.ascontiguousarray(_host(node.a, index).T)
-      tensors[f"{key}.{_B}"] = np.ascontiguousarray(_host(node.b, index).T)
+      index = i if m.scanned else None
+      key = cfg.KEY_PREFIX + (wrapper[name] if m.param else name)
+      lora_a, lora_b = _to_peft(node, index, m.param)
+      tensors[f"{key}.{_A}"] = np.ascontiguousarray(lora_a)
+      tensors[f"{key}.{_B}"] = np.ascontiguousarray(lora_b)
       if dora:
         tensors[f"{key}.{_M}"] = _host(node.m, index)
       ranks[name], alphas[name] = node.rank, cfg.number(node.alpha)
   _check_finite(tensors)
   r, rank_pattern = cfg.patterns(ranks)
   alpha, alpha_pattern = cfg.patterns(alphas)
-  linear = [n for m in modules for n in m.names]
+  linear = [n for m in modules if not m.param for n in m.names]
+  experts = [n for m in modules if m.param for n in m.names]
   config = dict(cfg.DEFAULTS)
   config.update(
       r=r, lora_alpha=alpha, rank_pattern=rank_pattern,
       alpha_pattern=alpha_pattern, use_rslora=rslora, use_dora=dora,
       lora_dropout=dropout,
-      target_modules=cfg.target_modules(ranks, linear),
+      target_modules=cfg.target_modules(set(ranks) - adapted, linear),
+      target_parameters=(cfg.target_modules(adapted, experts, segments=2)
+                         if adapted else None),
       task_type=task_type, base_model_name_or_path=base_model_name_or_path)
   # Written beside `directory`, swapped in whole; never over a non-PEFT dir.
   from jlora import _atomic_dir  # pylint: disable=import-outside-toplevel
@@ -361,19 +436,27 @@ def _place(x: jax.Array, sharding) -> jax.Array:
   return x if sharding is None else jax.device_put(x, sharding)
 
 
-def _build_node(module: _Module, groups, config, dtype, hint) -> LoRA:
-  """One LoRA node from the file tensors of the module's layers."""
+def _build_node(module: _Module, groups, config, dtype, hint,
+                keys=None) -> LoRA:
+  """One LoRA node from the file tensors of the module's layers.
+
+  `groups` maps each layer's name to its tensors; `keys` maps a wrapped
+  parameter's name to the file's module name (default: the name itself).
+  """
   w = module.leaf
-  stacked = module.layout == "bio"
+  stacked = module.scanned
   fan_in, fan_out = w.shape[-2:]
+  experts = w.shape[-3] if module.param else None
+  inner = () if experts is None else (experts,)
   use_rslora, use_dora = config["use_rslora"], config["use_dora"]
+  keys = keys or {}
   per_layer = []  # (rank, alpha, scale, tensors), None for a layer left out
   for name in module.names:
     t = groups.get(name)
     if t is None:
       per_layer.append(None)
       continue
-    key = cfg.KEY_PREFIX + name
+    key = cfg.KEY_PREFIX + keys.get(name, name)
     r = cfg.pattern_value(config["rank_pattern"], name, config["r"])
     alpha = cfg.pattern_value(config["alpha_pattern"], name,
                               config["lora_alpha"])
@@ -384,8 +467,13 @@ def _build_node(module: _Module, groups, config, dtype, hint) -> LoRA:
     if not use_dora and _M in t:
       raise PeftFormatError(
           f"unexpected key '{key}.{_M}': the config has use_dora=false")
-    _expect(f"{key}.{_A}", t[_A], (r, fan_in), hint)
-    _expect(f"{key}.{_B}", t[_B], (fan_out, r), hint)
+    if module.param and _BASE in t:
+      raise PeftFormatError(
+          f"unexpected key '{key}.{_BASE}': '{name}' is a wrapped expert"
+          " parameter, whose base PEFT never saves")
+    width = r * (experts or 1)
+    _expect(f"{key}.{_A}", t[_A], (width, fan_in), hint)
+    _expect(f"{key}.{_B}", t[_B], (fan_out, width), hint)
     if use_dora:
       _expect(f"{key}.{_M}", t[_M], (fan_out,))
     if _BASE in t:
@@ -408,8 +496,8 @@ def _build_node(module: _Module, groups, config, dtype, hint) -> LoRA:
 
   # float64 on the host: every file dtype converts exactly, and each value
   # is rounded once, into `dtype`.
-  a = np.zeros((len(per_layer), fan_in, rank))
-  b = np.zeros((len(per_layer), rank, fan_out))
+  a = np.zeros((len(per_layer), *inner, fan_in, rank))
+  b = np.zeros((len(per_layer), *inner, rank, fan_out))
   m = np.zeros((len(per_layer), fan_out)) if use_dora else None
   new_base = {}
   for i, x in enumerate(per_layer):
@@ -420,9 +508,12 @@ def _build_node(module: _Module, groups, config, dtype, hint) -> LoRA:
             np.asarray(base_array(w)[i], np.float32), axis=0)
       continue
     r, _, scale, t = x
-    key = cfg.KEY_PREFIX + module.names[i]
-    a[i, :, :r] = _exact(f"{key}.{_A}", t[_A]).T
-    b[i, :r, :] = _exact(f"{key}.{_B}", t[_B], scale if fold else 1.0).T
+    key = cfg.KEY_PREFIX + keys.get(module.names[i], module.names[i])
+    a_i, b_i = _from_peft(_exact(f"{key}.{_A}", t[_A]),
+                          _exact(f"{key}.{_B}", t[_B],
+                                 scale if fold else 1.0), experts)
+    a[i, ..., :r] = a_i
+    b[i, ..., :r, :] = b_i
     _fits(f"{key}.{_A}", a[i], dtype)
     _fits(f"{key}.{_B}", b[i], dtype)
     if use_dora:
@@ -537,20 +628,39 @@ def load(directory: str | os.PathLike, params: Any, *, dtype: Any = None,
         f"params already hold LoRA nodes at {existing[:3]}; pass the base"
         " params (jlora.merge(params) to fuse an earlier adapter)")
   modules = list(_modules(params, layers_key))
+  linear = [m for m in modules if not m.param]
+  experts = [m for m in modules if m.param]
   targets = config["target_modules"]
   if targets == "all-linear" or targets == ["all-linear"]:
     # PEFT: every Linear except the output layer.
-    heads = {n for m in modules if HEAD_PATTERN.search(m.path) for n in m.names}
+    heads = {n for m in linear if HEAD_PATTERN.search(m.path) for n in m.names}
     config = {**config, "target_modules": [
-        n for m in modules for n in m.names if n not in heads]}
-  targeted = {n for m in modules for n in m.names
+        n for m in linear for n in m.names if n not in heads]}
+  targeted = {n for m in linear for n in m.names
               if cfg.is_targeted(config, n)}
-  known = {n for m in modules for n in m.names}
-  if not targeted:
+  wrapped = {n for m in experts for n in m.names
+             if cfg.is_parameter_targeted(config, n)}
+  # The file names a wrapped parameter by its wrapper module.
+  wrapper = _wrappers(experts, wrapped)
+  file_names = targeted | set(wrapper.values())
+  known = {n for m in linear for n in m.names}
+  if not targeted and not wrapped:
+    params_hint = (f" and target_parameters={config['target_parameters']!r}"
+                   f" matches no stacked expert kernel (parameter keys look"
+                   f" like {sorted({n for m in experts for n in m.names})[:2]})"
+                   if config["target_parameters"] else "")
     raise PeftFormatError(
         f"target_modules={config['target_modules']!r} matches no linear"
-        f" kernel of params; module names look like {sorted(known)[:3]}")
-  for name in sorted(set(groups) - targeted):
+        f" kernel of params{params_hint}; module names look like"
+        f" {sorted(known)[:3]}")
+  if config["target_parameters"] and not wrapped:
+    # PEFT raises the same way when it wraps no parameter.
+    raise PeftFormatError(
+        f"target_parameters={config['target_parameters']!r} matches no"
+        " stacked expert kernel (a 'bio' (experts, in, out) leaf named"
+        " 'kernel') of params; parameter keys look like"
+        f" {sorted({n for m in experts for n in m.names})[:2]}")
+  for name in sorted(set(groups) - file_names):
     key = f"{cfg.KEY_PREFIX}{name}.{next(iter(groups[name]))}"
     why = ("is not targeted by the config's target_modules /"
            " layers_to_transform / exclude_modules" if name in known else
@@ -561,10 +671,21 @@ def load(directory: str | os.PathLike, params: Any, *, dtype: Any = None,
     raise PeftFormatError(
         f"missing key '{cfg.KEY_PREFIX}{name}.{_A}': module '{name}' is"
         " targeted by the config but has no tensors in the file")
+  for key, name in sorted(wrapper.items()):
+    if name not in groups:
+      raise PeftFormatError(
+          f"missing key '{cfg.KEY_PREFIX}{name}.{_A}': parameter '{key}' is"
+          " targeted by the config's target_parameters but its wrapper has"
+          " no tensors in the file")
   replace = {}
-  for m in modules:
+  for m in linear:
     if any(n in targeted for n in m.names):
       groups_here = {n: groups[n] for n in m.names if n in targeted}
       replace[m.path] = _build_node(m, groups_here, config,
                                     adapter_dtype, hint)
+  for m in experts:
+    if any(n in wrapped for n in m.names):
+      groups_here = {n: groups[wrapper[n]] for n in m.names if n in wrapped}
+      replace[m.path] = _build_node(m, groups_here, config, adapter_dtype,
+                                    hint, keys=wrapper)
   return _paths.map_with_path(lambda p, x: replace.get(p, x), params)

@@ -10,7 +10,7 @@ import jax
 from jlora import _paths
 from jlora._quant_array import is_quantized
 from jlora.node import is_lora, is_multi
-from jlora.partition import partition
+from jlora.partition import _split
 
 
 class Count(NamedTuple):
@@ -34,7 +34,7 @@ def count(tree: Any) -> Count:
   >>> jlora.count(lp)
   Count(trainable=4096, total=1052672)
   """
-  trainable, frozen = partition(tree)
+  trainable, frozen = _split(tree, set())  # a plain tree counts 0 trainable
   n_train = _size(trainable)
   return Count(n_train, n_train + _size(frozen))
 

@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 import jlora
 import jlora.peft
@@ -68,7 +69,7 @@ def test_finetune_causal_lm_learns_and_writes_files(tmp_path):
 def test_finetune_causal_lm_on_a_mesh(tmp_path):
   result = run_example(tmp_path, "--steps", "3", "--batch", "4",
                        "--seq-len", "32", "--eval-batches", "1",
-                       "--sample-tokens", "2", "--mesh", "data:2,model:2",
+                       "--sample-tokens", "2", "--mesh", "fsdp:2,model:2",
                        devices=4)
   assert "after:" in result.stdout
   assert (tmp_path / "adapter_peft" / "adapter_model.safetensors").is_file()
@@ -103,6 +104,7 @@ def test_checkpointing_example_round_trips():
 
 
 def test_multi_adapter_example_mixes_adapters_per_example():
+  pytest.importorskip("evosax")  # its LoRAHub step; an optional extra
   out = _run_small("multi_adapter.py", "--steps", "150")
   diffs = re.findall(r"(base|A|B) +\d+ examples, max \|difference\| (\S+)",
                      out)

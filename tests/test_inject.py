@@ -1,5 +1,7 @@
 """`jlora.apply`: node shapes, init, layouts, rank checks, tree kinds."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import jlora
 from jlora.node import is_lora
+from helpers import np_fused
 
 KEY = jax.random.key(0)
 
@@ -191,3 +194,217 @@ def test_dropout_and_train_a_are_recorded():
   assert node.dropout == 0.1 and node.train_a is False
   with pytest.raises(ValueError, match="dropout"):
     jlora.apply({"kernel": jnp.ones((4, 4))}, rank=2, key=KEY, dropout=1.0)
+
+
+# -- issue 21: integer kernels, argument validation, adversarial trees -------
+
+def _mixed_dtype_params():
+  return {"dense": {"kernel": jax.random.normal(KEY, (6, 4))},
+          "ids": {"kernel": jnp.arange(24, dtype=jnp.int32).reshape(6, 4)},
+          "flags": {"kernel": jnp.ones((6, 4), bool)}}
+
+
+def test_integer_and_bool_kernels_are_never_adapted():
+  params = _mixed_dtype_params()
+  # "all-linear" looks at float kernels only.
+  lp = jlora.apply(params, rank=2, key=KEY)
+  assert is_lora(lp["dense"]["kernel"])
+  assert lp["ids"]["kernel"] is params["ids"]["kernel"]
+  assert lp["flags"]["kernel"] is params["flags"]["kernel"]
+  # An explicit target that picks one, alone or among float kernels, errors
+  # naming it and its dtype.
+  with pytest.raises(ValueError, match=r"not floating point.*'ids/kernel': "
+                     r"'int32'.*exclude="):
+    jlora.apply(params, rank=2, key=KEY, targets="ids")
+  with pytest.raises(ValueError, match=r"'flags/kernel': 'bool'"):
+    jlora.apply(params, rank=2, key=KEY, targets=["dense", "flags"])
+  with pytest.raises(ValueError, match="not floating point"):
+    jlora.apply(params, rank=2, key=KEY, targets=lambda p, x: x.ndim == 2)
+  # Excluding them is the fix the message names.
+  lp = jlora.apply(params, rank=2, key=KEY, targets="kernel",
+                   exclude="ids|flags")
+  assert [n.path for n in jax.tree.leaves(lp, is_leaf=is_lora)
+          if is_lora(n)] == ["dense/kernel"]
+
+
+@pytest.mark.parametrize("field,dtype", [("w", jnp.int32), ("a", jnp.int8),
+                                         ("b", jnp.int32), ("w", bool)])
+def test_hand_built_integer_node_fails_at_merge_and_wrap(field, dtype):
+  node = jlora.apply({"k": jax.random.normal(KEY, (4, 3))}, rank=2,
+                     targets="k", key=KEY)["k"]
+  node = dataclasses.replace(node, **{field: getattr(node, field).astype(
+      dtype)})
+  with pytest.raises(ValueError, match=rf"'k' has {field} of dtype.*floating"):
+    jlora.merge({"k": node})
+  with pytest.raises(ValueError, match=rf"'k' has {field} of dtype.*floating"):
+    jlora.wrap(lambda p, x: x @ p["k"])({"k": node}, jnp.ones((2, 4)))
+
+
+def test_node_with_foreign_factor_shapes_fails_at_merge_wrap_and_combine():
+  node = jlora.apply({"k": jax.random.normal(KEY, (4, 3))}, rank=2,
+                     targets="k", key=KEY)["k"]
+  other = jlora.apply({"k": jax.random.normal(KEY, (5, 3))}, rank=2,
+                      targets="k", key=KEY)["k"]
+  bad = dataclasses.replace(node, a=other.a)
+  with pytest.raises(ValueError, match=r"'k' has a of shape \(5, 2\).*needs "
+                     r"\(4, 2\)"):
+    jlora.merge({"k": bad})
+  with pytest.raises(ValueError, match=r"'k' has a of shape \(5, 2\)"):
+    jlora.wrap(lambda p, x: x @ p["k"])({"k": bad}, jnp.ones((2, 4)))
+  trainable, _ = jlora.partition({"k": other})
+  _, frozen = jlora.partition({"k": node})
+  with pytest.raises(ValueError, match=r"'k' has a of shape"):
+    jlora.combine(trainable, frozen)
+
+
+def test_model_casting_kernel_to_integer_input_dtype():
+  """wrap fuses before an integer cast, exactly as merge-then-run does."""
+  w = jax.random.normal(KEY, (4, 3)) * 3
+  lp = jlora.apply({"w": w}, rank=2, targets="w", key=KEY)
+  lp = {"w": dataclasses.replace(lp["w"], b=2.0 * jnp.ones((2, 3)))}
+  x = jnp.arange(8, dtype=jnp.int32).reshape(2, 4)
+  fn = lambda p, x: x @ p["w"].astype(x.dtype)
+  fused = np_fused(lp["w"])
+  want = np.asarray(x) @ np.trunc(fused).astype(np.int64)
+  got = jlora.wrap(fn)(lp, x)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), want)
+  np.testing.assert_array_equal(np.asarray(fn(jlora.merge(lp), x)), want)
+  # A product of an int input with the float kernel keeps the adapter.
+  f2 = lambda p, x: jax.lax.dot_general(
+      x, p["w"], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  np.testing.assert_allclose(np.asarray(jlora.wrap(f2)(lp, x)),
+                             np.asarray(x, np.float64) @ fused, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key", [0, 1.5, "seed", np.uint32(3),
+                                 jnp.zeros((3,), jnp.uint32),
+                                 jnp.zeros((2, 2), jnp.uint32),
+                                 jnp.zeros((2,), jnp.float32)])
+def test_bad_keys_name_the_accepted_forms(key):
+  with pytest.raises((TypeError, ValueError),
+                     match=r"key must be one PRNG key: jax\.random\.key\(seed\)"
+                     r".*PRNGKey"):
+    jlora.apply(_params(), rank=2, key=key)
+
+
+def test_key_batch_and_legacy_key():
+  with pytest.raises(ValueError, match=r"\(2,\) keys.*single key"):
+    jlora.apply(_params(), rank=2, key=jax.random.split(KEY, 2))
+  legacy = jlora.apply(_params(), rank=2, key=jax.random.PRNGKey(0))
+  typed = jlora.apply(_params(), rank=2, key=jax.random.wrap_key_data(
+      jax.random.PRNGKey(0)))
+  np.testing.assert_array_equal(legacy["attn"]["q_proj"]["kernel"].a,
+                                typed["attn"]["q_proj"]["kernel"].a)
+
+
+def test_numpy_integer_ranks_are_accepted():
+  lp = jlora.apply(_params(), rank=np.int64(2), key=KEY,
+                   rank_pattern={"q_proj": np.int32(3)})
+  assert lp["attn"]["q_proj"]["kernel"].rank == 3
+  assert lp["attn"]["v_proj"]["kernel"].rank == 2
+  assert type(lp["attn"]["v_proj"]["kernel"].alpha) is float
+  assert lp["attn"]["v_proj"]["kernel"].scale == 1.0
+
+
+@pytest.mark.parametrize("rank", [np.bool_(True), np.float64(2.0), np.int64(0),
+                                  -3, 2.5])
+def test_bad_numpy_ranks_name_the_path(rank):
+  with pytest.raises(ValueError, match=r"positive int.*attn/q_proj/kernel"):
+    jlora.apply(_params(), rank=rank, key=KEY)
+  with pytest.raises(ValueError, match=r"positive int.*'attn/v_proj/kernel'"):
+    jlora.apply(_params(), rank=2, key=KEY, rank_pattern={"v_proj": rank})
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), "2", True,
+                                   [2.0], jnp.ones(2)])
+def test_alpha_must_be_a_finite_number(alpha):
+  with pytest.raises(ValueError, match=r"alpha must be a finite number.*"
+                     r"attn/q_proj/kernel"):
+    jlora.apply(_params(), rank=2, alpha=alpha, key=KEY)
+
+
+def test_alpha_zero_rejected_negative_alpha_flips_the_update():
+  with pytest.raises(ValueError, match=r"alpha=0.*zero gradients"):
+    jlora.apply(_params(), rank=2, alpha=0.0, key=KEY)
+  with pytest.raises(ValueError, match=r"alpha=0 for 'attn/v_proj/kernel'"):
+    jlora.apply(_params(), rank=2, key=KEY, alpha_pattern={"v_proj": 0})
+  w = jax.random.normal(KEY, (6, 4))
+  lp = jlora.apply({"k": w}, rank=2, alpha=-3.0, key=KEY, targets="k",
+                   alpha_pattern={"k": np.float32(-3.0)})
+  node = dataclasses.replace(lp["k"], b=jnp.ones((2, 4)))
+  assert node.scale == -1.5
+  want = np.asarray(w, np.float64) - 1.5 * (
+      np.asarray(node.a, np.float64) @ np.ones((2, 4)))
+  np.testing.assert_allclose(jlora.merge({"k": node})["k"], want, rtol=1e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(dropout="0.1"), ValueError, "dropout must be a number"),
+    (dict(dropout=True), ValueError, "dropout must be a number"),
+    (dict(dropout=-0.1), ValueError, r"dropout must be a number in \[0, 1\)"),
+    (dict(dtype=jnp.int32), ValueError, "dtype.*floating point"),
+    (dict(dtype=bool), ValueError, "dtype.*floating point"),
+    (dict(rslora="false"), TypeError, "rslora must be True or False"),
+    (dict(dora=1), TypeError, "dora must be True or False"),
+    (dict(train_a=None), TypeError, "train_a must be True or False"),
+    (dict(init=None), TypeError, "init must be a string"),
+    (dict(layout="io"), TypeError, "layout must be a dict"),
+    (dict(layout={"q_proj": ["i", "o"]}), TypeError, r"layout\['q_proj'\]"),
+    (dict(rank_pattern=[("q", 2)]), TypeError, "rank_pattern must be a dict"),
+    (dict(rank_pattern={"q_prj": 2}), ValueError,
+     "rank_pattern key 'q_prj' matches none"),
+    (dict(alpha_pattern={"nope": 2.0}), ValueError,
+     "alpha_pattern key 'nope' matches none"),
+    (dict(targets=3), TypeError, "a selector must be"),
+    (dict(targets=[]), ValueError, r"targets=\[\] selects nothing"),
+    (dict(targets="(q_proj"), ValueError, "not a valid regex"),
+    (dict(exclude=1.5), TypeError, "a selector must be"),
+    (dict(exclude="kernel"), ValueError, "removes every kernel"),
+    (dict(exclude="lm_haed"), ValueError,
+     r"exclude 'lm_haed' matches no parameter.*lm_head/kernel"),
+])
+def test_option_errors_name_the_option(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    jlora.apply(_params(), rank=2, key=KEY, **kwargs)
+
+
+def test_numpy_scalars_for_options_become_python_values():
+  node = jlora.apply(_params(), rank=2, key=KEY, dropout=np.float32(0.25),
+                     rslora=np.bool_(True))["attn"]["v_proj"]["kernel"]
+  assert type(node.dropout) is float and node.dropout == 0.25
+  assert node.rslora is True
+
+
+def test_empty_and_unusual_trees():
+  with pytest.raises(ValueError, match="empty tree"):
+    jlora.apply({}, rank=2, key=KEY)
+  # None leaves, scalar leaves and Python numbers pass through untouched.
+  params = {"dense": {"kernel": jnp.ones((4, 3))}, "none": None,
+            "step": jnp.int32(3), "temperature": 0.5}
+  lp = jlora.apply(params, rank=2, key=KEY)
+  assert lp["none"] is None and lp["temperature"] == 0.5
+  back = jlora.combine(*jlora.partition(lp))
+  merged = jlora.merge(back)
+  assert jax.tree.structure(merged) == jax.tree.structure(params)
+  np.testing.assert_array_equal(merged["dense"]["kernel"], 1.0)
+  out = jlora.wrap(lambda p, x: p["temperature"] * (x @ p["dense"]["kernel"])
+                   + p["step"])(lp, jnp.ones((2, 4)))
+  np.testing.assert_allclose(out, 0.5 * 4.0 + 3.0)
+
+
+def test_duplicate_targets_adapt_once():
+  lp = jlora.apply(_params(), rank=2, key=KEY, targets=["q_proj", "q_proj",
+                                                        r"q_proj/kernel"])
+  nodes = [n for n in jax.tree.leaves(lp, is_leaf=is_lora) if is_lora(n)]
+  assert [n.path for n in nodes] == ["attn/q_proj/kernel"]
+
+
+def test_vmap_over_keys_matches_one_key_at_a_time():
+  keys = jax.random.split(KEY, 3)
+  many = jax.vmap(lambda k: jlora.apply(_params(), rank=2, key=k))(keys)
+  for i in range(3):
+    one = jlora.apply(_params(), rank=2, key=keys[i])
+    np.testing.assert_array_equal(many["attn"]["q_proj"]["kernel"].a[i],
+                                  one["attn"]["q_proj"]["kernel"].a)

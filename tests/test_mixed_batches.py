@@ -206,7 +206,10 @@ def test_mixed_batch_matches_float64_property(batch, ranks, seed, dtype):
     s = jlora.add_adapter(s, f"a{k}", lp)
   ids = rng.integers(-1, len(ranks), size=batch).astype(np.int32)
   x = rng.normal(size=(batch, 3, 7)).astype(dtype)
-  got = jax.jit(jlora.wrap(lambda p, x: x @ p["kernel"]))(
+  # With batch == 3 the (batch, 3, 7) input has two candidate batch axes,
+  # which must be named.
+  axis = {"adapter_ids_axis": 0} if batch == 3 else {}
+  got = jax.jit(jlora.wrap(lambda p, x: x @ p["kernel"], **axis))(
       jlora.stack_adapters(s), x, adapter_ids=ids)
   nodes = [jlora.select(s, n)["kernel"] for n in s.names]
   want = np.stack([
@@ -380,3 +383,117 @@ def test_training_state_of_a_stack_checkpoints_and_resumes(three, tmp_path):
     assert is_multi(g) and g.names == w.names and g.ranks == w.ranks
     np.testing.assert_array_equal(np.asarray(g.a), np.asarray(w.a))
     np.testing.assert_array_equal(np.asarray(g.b), np.asarray(w.b))
+
+
+# -- issue 21: id range under jit, the batch axis ---------------------------
+
+def _two(w_shape=(6, 5)):
+  w = jax.random.normal(KEY, w_shape)
+  s = jlora.AdapterSet({"kernel": w}, {}, None)
+  for k in range(2):
+    lp = jlora.apply({"kernel": w}, rank=2, key=jax.random.key(k))
+    s = jlora.add_adapter(s, f"a{k}", randomize_b(lp, jax.random.key(9 + k)))
+  return s, [jlora.select(s, n)["kernel"] for n in s.names]
+
+
+def _rows(x, nodes, ids, axis):
+  """float64 reference: example k along `axis` runs nodes[ids[k]]."""
+  x = np.moveaxis(np.asarray(x, np.float64), axis, 0)
+  w = np.asarray(nodes[0].w, np.float64)
+  out = np.stack([x[k] @ (np_fused(nodes[i]) if i >= 0 else w)
+                  for k, i in enumerate(ids)])
+  return np.moveaxis(out, 0, axis)
+
+
+@pytest.mark.parametrize("ids", [[0, -2, 1], [-5, 0, 0], [0, 1, 2]])
+def test_out_of_range_ids_raise_eagerly_and_are_nan_and_checkable_under_jit(
+    ids):
+  from jax.experimental import checkify
+  s, nodes = _two()
+  stacked = jlora.stack_adapters(s)
+  f = jlora.wrap(lambda p, x: x @ p["kernel"])
+  x = np.asarray(jax.random.normal(jax.random.key(1), (3, 6)), np.float32)
+  ids = np.array(ids, np.int32)
+  bad = (ids < -1) | (ids >= 2)
+  with pytest.raises(ValueError, match=rf"index {ids[bad][0]} .*indices "
+                     r"0\.\.1, and -1 runs the bare base"):
+    f(stacked, x, adapter_ids=ids)
+  # Under jit the values are unknown while tracing: the bad rows are NaN,
+  # never silently the base's, and the rest are right.
+  out = np.asarray(jax.jit(f)(stacked, x, adapter_ids=ids))
+  np.testing.assert_array_equal(np.isnan(out).all(axis=1), bad)
+  good = np.where(bad, -1, ids)
+  np.testing.assert_allclose(out[~bad], _rows(x, nodes, good, 0)[~bad],
+                             rtol=1e-5, atol=1e-5)
+  # checkify reports the id and the range.
+  err, _ = checkify.checkify(jax.jit(f))(stacked, x, adapter_ids=ids)
+  assert f"adapter_ids holds {ids[bad][0]}, out of range" in err.get()
+  assert "indices 0..1, and -1 runs the bare base" in err.get()
+  err, _ = checkify.checkify(jax.jit(f))(stacked, x,
+                                         adapter_ids=np.array([0, 1, -1]))
+  assert err.get() is None
+
+
+def test_time_major_input_runs_adapters_along_the_batch_axis():
+  s, nodes = _two()
+  stacked = jlora.stack_adapters(s)
+  f = lambda p, x: x @ p["kernel"]
+  ids = np.array([1, -1], np.int32)
+  x = np.asarray(jax.random.normal(jax.random.key(1), (4, 2, 6)), np.float32)
+  # T = 4 is a multiple of B = 2; the batch is the axis of size B.
+  got = jax.jit(jlora.wrap(f))(stacked, x, adapter_ids=ids)
+  np.testing.assert_allclose(np.asarray(got), _rows(x, nodes, ids, 1),
+                             rtol=1e-5, atol=1e-5)
+  # T == B: two candidate axes, an error that says how to name one.
+  x2 = x[:2]
+  with pytest.raises(ValueError, match=r"axes \[0, 1\] could each be the "
+                     r"batch axis.*adapter_ids_axis"):
+    jlora.wrap(f)(stacked, x2, adapter_ids=ids)
+  for axis in (1, -2):
+    got = jax.jit(jlora.wrap(f, adapter_ids_axis=axis))(stacked, x2,
+                                                         adapter_ids=ids)
+    np.testing.assert_allclose(np.asarray(got), _rows(x2, nodes, ids, 1),
+                               rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"adapter_ids_axis=2.*shape \(2, 2, 6\)"):
+    jlora.wrap(f, adapter_ids_axis=2)(stacked, x2, adapter_ids=ids)
+  with pytest.raises(TypeError, match="adapter_ids_axis must be an int"):
+    jlora.wrap(f, adapter_ids_axis="time")
+
+
+def test_named_batch_axis_holds_inside_a_scan_over_time():
+  """-2 names (T, B, F) outside and each step's (B, F) inside a scan."""
+  s, nodes = _two((6, 6))
+  stacked = jlora.stack_adapters(s)
+
+  def rnn(p, xs):
+    step = lambda h, x: (jnp.tanh(x @ p["kernel"] + h), h)
+    return jax.lax.scan(step, jnp.zeros(xs.shape[1:]), xs)[1]
+
+  ids = np.array([0, 1, -1], np.int32)
+  xs = np.asarray(jax.random.normal(jax.random.key(2), (3, 3, 6)), np.float32)
+  got = jlora.wrap(rnn, adapter_ids_axis=-2)(stacked, xs, adapter_ids=ids)
+  for k, i in enumerate(ids):
+    w = np_fused(nodes[i]) if i >= 0 else np.asarray(nodes[0].w, np.float64)
+    h, want = np.zeros(6), []
+    for x in np.asarray(xs[:, k], np.float64):
+      want.append(h)
+      h = np.tanh(x @ w + h)
+    np.testing.assert_allclose(np.asarray(got[:, k]), np.stack(want),
+                               rtol=1e-5, atol=1e-5)
+  # Each step's (B, F) input has one candidate axis: inference agrees.
+  np.testing.assert_allclose(
+      np.asarray(jlora.wrap(rnn)(stacked, xs, adapter_ids=ids)),
+      np.asarray(got), rtol=1e-6, atol=1e-6)
+
+
+def test_empty_and_single_ids():
+  s, nodes = _two()
+  stacked = jlora.stack_adapters(s)
+  f = jlora.wrap(lambda p, x: x @ p["kernel"])
+  x = np.asarray(jax.random.normal(jax.random.key(1), (1, 1, 6)), np.float32)
+  with pytest.raises(ValueError, match="adapter_ids is empty"):
+    f(stacked, x, adapter_ids=np.zeros(0, np.int32))
+  # One example: every axis may hold it, and all give the same result.
+  got = f(stacked, x, adapter_ids=np.array([1]))
+  np.testing.assert_allclose(np.asarray(got), _rows(x, nodes, [1], 0),
+                             rtol=1e-5, atol=1e-5)

@@ -202,7 +202,7 @@ def test_policies_save_what_they_say():
   ) | {"gate_proj", "gate_up_proj"}
   # The layer input is every policy's residual already (the remat's input).
   assert saved(remat_policy("matmuls")) == set(CHECKPOINT_NAMES) - {
-    "down_proj", "layer_input"
+    "down_proj", "decoder_input"
   }
   assert saved(remat_policy("mlp")) == {
     "o_proj", "gate_proj", "up_proj", "gate_up_proj"

@@ -182,3 +182,124 @@ def test_dora_and_adalora_fields_are_trainable():
   assert trainable["up"]["kernel"].m is not None
   assert trainable["up"]["kernel"].e is not None
   assert frozen["up"]["kernel"].m is None
+
+
+# -- issue 21: halves that do not belong together, trees with nothing to train
+
+def _two_layer_params():
+  return {"a": {"kernel": jax.random.normal(KEY, (4, 4))},
+          "b": {"kernel": jax.random.normal(KEY, (4, 4))}}
+
+
+def test_combine_of_halves_from_different_target_sets_names_the_path():
+  params = _two_layer_params()
+  t_a, f_a = jlora.partition(jlora.apply(params, rank=2, targets="a/",
+                                         key=KEY))
+  t_ab, f_ab = jlora.partition(jlora.apply(params, rank=2, targets="a/|b/",
+                                           key=KEY))
+  # Trainable half of a subset with the frozen half of a superset: 'b/kernel'
+  # would come out as half a node, failing much later.
+  with pytest.raises(ValueError, match=r"'b/kernel' is an adapter in the "
+                     r"frozen half but missing.*different target sets"):
+    jlora.combine(t_a, f_ab)
+  with pytest.raises(ValueError, match=r"'b/kernel' is an adapter in the "
+                     r"trainable half but a plain array"):
+    jlora.combine(t_ab, f_a)
+  t_b, f_b = jlora.partition(jlora.apply(params, rank=2, targets="b/",
+                                         key=KEY))
+  with pytest.raises(ValueError, match=r"'a/kernel' is an adapter in the "
+                     r"trainable half but a plain array"):
+    jlora.combine(t_a, f_b)
+
+
+def test_combine_of_different_trees_names_the_first_mismatch():
+  lp = jlora.apply(_two_layer_params(), rank=2, key=KEY)
+  trainable, frozen = jlora.partition(lp)
+  with pytest.raises(ValueError, match=r"different trees, first at 'b/kernel'"
+                     r" only in the frozen half"):
+    jlora.combine({"a": trainable["a"]}, frozen)
+  with pytest.raises(ValueError, match=r"first at 'a/kernel' only in the "
+                     r"trainable half"):
+    jlora.combine(trainable, {"x": frozen["a"], "b": frozen["b"]})
+
+
+def test_combine_rejects_both_halves_and_other_adapter_configs():
+  lp = jlora.apply(_two_layer_params(), rank=2, key=KEY)
+  trainable, frozen = jlora.partition(lp)
+  with pytest.raises(ValueError, match=r"both halves hold \['a', 'b'\] of "
+                     r"'a/kernel'"):
+    jlora.combine(trainable, trainable)
+  with pytest.raises(ValueError, match="both halves"):
+    jlora.combine(lp, lp)
+  _, other = jlora.partition(jlora.apply(_two_layer_params(), rank=2,
+                                         alpha=4.0, key=KEY))
+  with pytest.raises(ValueError, match=r"'a/kernel' differ.*\['alpha'\]"):
+    jlora.combine(trainable, other)
+
+
+def test_combine_round_trips_under_jit_and_for_nnx_state():
+  from flax import nnx
+  lp = jlora.apply(_two_layer_params(), rank=2, key=KEY)
+  back = jax.jit(jlora.combine)(*jlora.partition(lp))
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(lp)):
+    np.testing.assert_array_equal(x, y)
+  _, state = nnx.split(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+  lp = jlora.apply(state, rank=2, key=KEY)
+  back = jlora.combine(*jlora.partition(lp))
+  assert isinstance(back, nnx.State)
+  assert jax.tree.structure(back, is_leaf=is_lora) == jax.tree.structure(
+      lp, is_leaf=is_lora)
+
+
+def test_a_tree_without_adapters_has_nothing_to_train():
+  params = _two_layer_params()
+  for call in (jlora.partition, jlora.mask,
+               lambda p: jlora.optimizer(optax.sgd(0.1)).init(p)):
+    with pytest.raises(ValueError, match=r"no LoRA nodes.*jlora\.apply"):
+      call(params)
+  # Full fine-tuning of selected params is still a split.
+  trainable, frozen = jlora.partition(params, full="b/")
+  assert trainable["a"]["kernel"] is None
+  assert trainable["b"]["kernel"] is params["b"]["kernel"]
+  # Counting a plain tree is fine: nothing of it trains.
+  assert jlora.count(params) == jlora.Count(0, 32)
+
+
+def test_full_selecting_an_adapted_kernel_raises():
+  _, _, lp, _, _ = _setup()
+  for full in ("up", r"up/kernel", lambda p, x: p.startswith("down")):
+    with pytest.raises(ValueError, match=r"selects \['(up|down)/kernel'\], "
+                       "which hold LoRA adapters"):
+      jlora.partition(lp, full=full)
+    with pytest.raises(ValueError, match="which hold LoRA adapters"):
+      jlora.mask(lp, full=full)
+  assert jlora.mask(lp, full="up/bias")["up"]["bias"] is True
+
+
+def test_grad_through_merge_equals_grad_through_wrap():
+  model, _, lp, x, _ = _setup()
+  lp = randomize_b(lp, KEY)
+  trainable, frozen = jlora.partition(lp)
+  loss = lambda out: jnp.sum(jnp.sin(out))
+  g_merge = jax.grad(lambda t: loss(model.apply(
+      {"params": jlora.merge(jlora.combine(t, frozen))}, x)))(trainable)
+  g_wrap = jax.grad(lambda t: loss(jlora.wrap(model.apply)(
+      {"params": jlora.combine(t, frozen)}, x)))(trainable)
+  for a, b in zip(jax.tree.leaves(g_merge), jax.tree.leaves(g_wrap)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_combine_round_trips_with_quantized_frozen_kernels():
+  # A quantized kernel left without an adapter is one frozen leaf (None in
+  # the trainable half), not a tree of codes and scales.
+  k1, k2 = jax.random.split(jax.random.key(5))
+  params = {"q": {"kernel": jax.random.normal(k1, (64, 64))},
+            "v": {"kernel": jax.random.normal(k2, (64, 64))}}
+  qp = jlora.quantize(params, "nf4")
+  lp = jlora.apply(qp, rank=2, targets="q", key=k1)
+  t, f = jlora.partition(lp)
+  assert t["v"]["kernel"] is None
+  back = jax.jit(jlora.combine)(t, f)
+  np.testing.assert_array_equal(
+      np.asarray(jlora.dequantize(back["v"]["kernel"])),
+      np.asarray(jlora.dequantize(qp["v"]["kernel"])))

@@ -311,6 +311,9 @@ def test_file_matches_peft(base_dirs, tmp_path, scan):
       tmp_path / "peft")
   assert set(ours) == set(theirs)
   theirs["inference_mode"] = True
+  # Each side records its own PEFT version (jlora: the version it follows).
+  assert ours.pop("peft_version") == _peft_config.PEFT_VERSION
+  assert theirs.pop("peft_version") == peft.__version__
   for field in ours:
     if field != "target_modules":
       assert ours[field] == theirs[field], field

@@ -74,3 +74,26 @@ def test_bad_selector_type():
     ("heads_proj/kernel", False)])
 def test_head_pattern(path, is_head):
   assert bool(HEAD_PATTERN.search(path)) == is_head
+
+
+def test_path_regex_folds_layer_numbers():
+  from jlora.targets import format_layout_dict, path_regex
+  import re
+  rx = path_regex("model/layers/12/attn.q/w")
+  assert rx == r"model/layers/\d+/attn\.q/w"
+  assert re.fullmatch(rx, "model/layers/3/attn.q/w")
+  assert not re.fullmatch(rx, "model/layers/3/attnxq/w")
+  assert path_regex("layer_0/mlp/kernel") == r"layer_\d+/mlp/kernel"
+  assert format_layout_dict({rx: "io", "plain/w": "oi"}) == (
+      r"{r'model/layers/\d+/attn\.q/w': 'io', 'plain/w': 'oi'}")
+
+
+def test_all_linear_names_what_it_skips():
+  leaves = LEAVES + [("model/layers_0/mlp/w", np.zeros((8, 4))),
+                     ("model/layers_1/mlp/w", np.zeros((8, 4)))]
+  with pytest.warns(UserWarning, match=r"\[r'model/layers_\\d\+/mlp/w'\]"
+                    r".*jlora.infer_layout"):
+    assert select(leaves) == select(LEAVES)
+  with pytest.raises(ValueError, match=r"have none.*'model/layers_\\d\+/mlp/w'"
+                     r".*infer_layout"):
+    select(leaves[-2:])

@@ -377,3 +377,98 @@ def test_dora_gain_matches_reference():
   expected = X.astype(np.float64) @ np_merge({"w": node})["w"]
   assert rel_err(out, expected) < 2e-6
   assert rel_err(jlora.merge({"w": node})["w"], np_merge({"w": node})["w"]) < 2e-6
+
+
+# -- issue 21: dropout per stacked index, key checks -------------------------
+
+L, B_, I_ = 3, 4, 6
+
+
+def _identity_stack(dropout=0.5):
+  """A (L, I, I) stacked node whose adapter path returns its dropped input."""
+  w = jax.random.normal(KEY, (L, I_, I_))
+  node = jlora.apply({"w": w}, rank=I_, alpha=float(I_), targets="w",
+                     key=KEY)["w"]
+  eye = jnp.broadcast_to(jnp.eye(I_), (L, I_, I_))
+  return w, dataclasses.replace(node, a=eye, b=eye, dropout=dropout)
+
+
+def _documented_masks(rng, n, shape, p=0.5):
+  """The key derivation `jlora.wrap`'s docstring states."""
+  keys = jax.random.split(jax.random.fold_in(rng, n), L)
+  return np.stack([np.asarray(jax.random.bernoulli(k, 1 - p, shape))
+                   for k in keys])
+
+
+@pytest.mark.parametrize("use", ["batched_einsum", "batched_dot_general",
+                                 "scan", "jit_scan"])
+def test_dropout_masks_differ_per_layer_and_follow_the_key_derivation(use):
+  w, node = _identity_stack()
+  x = jax.random.normal(jax.random.key(4), (B_, I_)) + 3.0  # never 0
+  xs = jnp.broadcast_to(x, (L, B_, I_))
+  fns = {
+      "batched_einsum": lambda p: jnp.einsum("lbi,lio->lbo", xs, p["w"]),
+      "batched_dot_general": lambda p: jax.lax.dot_general(
+          xs, p["w"], (((2,), (1,)), ((0,), (0,)))),
+      "scan": lambda p: jax.lax.scan(lambda c, w: (c, x @ w), 0.0,
+                                     p["w"])[1],
+  }
+  fns["jit_scan"] = jax.jit(fns["scan"])
+  rng = jax.random.key(11)
+  out = jlora.wrap(fns[use])({"w": node}, lora_rng=rng)
+  base = np.einsum("bi,lio->lbo", np.asarray(x, np.float64),
+                   np.asarray(w, np.float64))
+  ratio = (np.asarray(out, np.float64) - base) / np.asarray(x)[None]
+  kept = np.isclose(ratio, 2.0, atol=1e-3)
+  assert np.all(kept | np.isclose(ratio, 0.0, atol=1e-3))
+  # Each layer its own mask, the one its own key gives.
+  for l in range(1, L):
+    assert not np.array_equal(kept[0], kept[l])
+  np.testing.assert_array_equal(kept, _documented_masks(rng, 0, (B_, I_)))
+
+
+def test_dropout_on_integer_input_scales_without_truncation():
+  lp = jlora.apply({"w": jnp.asarray(WS[0])}, rank=8, alpha=8.0, targets="w",
+                   key=KEY)
+  node = dataclasses.replace(lp["w"], a=jnp.eye(8), b=jnp.eye(8),
+                             dropout=0.25)
+  x = jnp.arange(1, 17, dtype=jnp.int32).reshape(2, 8)
+  f = lambda p, x: jax.lax.dot_general(
+      x, p["w"], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  out = jlora.wrap(f)({"w": node}, x, lora_rng=jax.random.key(2))
+  base = np.asarray(x, np.float64) @ np.asarray(WS[0], np.float64)
+  ratio = (np.asarray(out, np.float64) - base) / np.asarray(x)
+  dropped = np.isclose(ratio, 0.0, atol=1e-4)
+  assert dropped.any() and not dropped.all()
+  np.testing.assert_allclose(ratio[~dropped], 1 / 0.75, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rng", [0, jnp.zeros((3,), jnp.uint32),
+                                 jax.random.split(KEY, 2)])
+def test_bad_lora_rng_names_the_accepted_forms(rng):
+  fn, lp, _ = _lora("matmul")
+  with pytest.raises((TypeError, ValueError),
+                     match=r"lora_rng must be one PRNG key"):
+    jlora.wrap(fn)(lp, X, lora_rng=rng)
+
+
+def test_stacked_axis_kept_by_a_shared_input_product_is_a_layout_error():
+  # 'bi,lio->lbo' reads like gemma's heads under a 'bio' layout: one adapter
+  # per head, so it is refused rather than guessed; a batched input works.
+  _, node = _identity_stack()
+  x = jnp.ones((B_, I_))
+  with pytest.raises(jlora.LayoutError, match=r"'w'.*it fits 'oio'"):
+    jlora.wrap(lambda p: jnp.einsum("bi,lio->lbo", x, p["w"]))({"w": node})
+
+
+def test_vmap_over_dropout_keys():
+  w, node = _identity_stack()
+  x = jax.random.normal(jax.random.key(4), (B_, I_)) + 3.0
+  f = jlora.wrap(lambda p, x: jnp.einsum(
+      "lbi,lio->lbo", jnp.broadcast_to(x, (L, B_, I_)), p["w"]))
+  keys = jax.random.split(jax.random.key(8), 2)
+  many = jax.vmap(lambda k: f({"w": node}, x, lora_rng=k))(keys)
+  for i in range(2):
+    np.testing.assert_array_equal(np.asarray(many[i]), np.asarray(
+        f({"w": node}, x, lora_rng=keys[i])))
+  assert not np.array_equal(np.asarray(many[0]), np.asarray(many[1]))

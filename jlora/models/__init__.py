@@ -1,7 +1,8 @@
 """Flax (linen) decoder-only causal LMs that load HuggingFace checkpoints.
 
-Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3, one
-decoder (`CausalLM`) whose family differences are `ModelConfig` fields.
+Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text), Phi-3 and the
+Mixture-of-Experts Mixtral and Qwen3-MoE, one decoder (`CausalLM`) whose
+family differences are `ModelConfig` fields.
 
 Example:
   >>> from jlora.models import from_pretrained, generate
@@ -9,6 +10,7 @@ Example:
   >>> tokens = generate(model, params, prompt_ids, max_new_tokens=32)
 """
 
+from jlora.models import sharding
 from jlora.models.config import ModelConfig, RopeConfig
 from jlora.models.generate import generate, sample_logits
 from jlora.models.decoder import (
@@ -22,6 +24,8 @@ from jlora.models.decoder import (
   remat_policy,
 )
 from jlora.models.losses import causal_lm_loss, chunked_cross_entropy
+from jlora.models._moe import load_balancing_loss
+from jlora.models.export import save_pretrained, to_hf_config
 from jlora.models.loading import (
   CheckpointMismatchError,
   from_config,
@@ -48,6 +52,10 @@ __all__ = [
   "from_state_dict",
   "generate",
   "init_cache",
+  "load_balancing_loss",
   "load_tokenizer",
   "sample_logits",
+  "save_pretrained",
+  "sharding",
+  "to_hf_config",
 ]

@@ -1,9 +1,10 @@
 """`ModelConfig`: one decoder architecture, read from a transformers config.
 
 Every supported family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3
-text, Phi-3) is the same pre-norm decoder; what differs between them is a field
-here (activation, norm style, sandwich norms, soft-capping, windows, rope per
-layer type, fused projections), so one set of modules runs them all.
+text, Phi-3, and the Mixture-of-Experts Mixtral and Qwen3-MoE) is the same
+pre-norm decoder; what differs between them is a field here (activation, norm
+style, sandwich norms, soft-capping, windows, rope per layer type, fused
+projections, experts), so one set of modules runs them all.
 
 Only plain Python values live here, so a `ModelConfig` is hashable (a valid
 static argument to `jax.jit`) and `import jlora.models` never imports
@@ -17,8 +18,11 @@ import math
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = (
-  "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"
+  "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3",
+  "mixtral", "qwen3_moe",
 )
+# Mixture-of-Experts families (a `SparseMoE` block in place of the MLP).
+MOE_MODEL_TYPES = ("mixtral", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 # transformers' activation names -> ours.
@@ -134,6 +138,18 @@ class ModelConfig:
       in place of q/k/v_proj (Phi-3).
     fused_gate_up: one `gate_up_proj` kernel (hidden, 2 intermediate), gate
       first, in place of gate/up_proj (Phi-3).
+    num_experts: experts per layer; > 0 replaces every layer's MLP by a sparse
+      Mixture-of-Experts block (`jlora.models._moe.SparseMoE`: Mixtral,
+      Qwen3-MoE).
+    num_experts_per_tok: experts each token is routed to (top-k).
+    moe_intermediate_size: one expert's MLP width; default
+      `intermediate_size` (Mixtral's convention).
+    norm_topk_prob: the top-k routing weights are renormalised to sum to 1
+      (Mixtral: always, the softmax over the top-k logits; Qwen3-MoE: its
+      config's flag).
+    router_aux_loss_coef: transformers' weight of the load-balancing loss
+      (`jlora.models.load_balancing_loss`) in the training loss; informative,
+      the model never adds it itself.
 
   Example:
     >>> cfg = ModelConfig(vocab_size=128, hidden_size=64,
@@ -171,6 +187,11 @@ class ModelConfig:
   local_rope: RopeConfig | None = None
   fused_qkv: bool = False
   fused_gate_up: bool = False
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int | None = None
+  norm_topk_prob: bool = True
+  router_aux_loss_coef: float = 0.0
 
   def __post_init__(self):
     # Frozen dataclass: fill derived defaults through object.__setattr__.
@@ -194,6 +215,8 @@ class ModelConfig:
         f"num_heads = {self.num_heads} is not a multiple of num_kv_heads = "
         f"{self.num_kv_heads}; grouped-query attention needs whole groups"
       )
+    if self.num_experts:
+      _check_experts(self)
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(
         f"hidden_act = {self.hidden_act!r}; choose one of {ACTIVATIONS}"
@@ -297,7 +320,7 @@ class ModelConfig:
       qkv_bias=qkv_bias,
       o_bias=o_bias,
       mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
-      qk_norm=model_type in ("qwen3", "gemma3_text"),
+      qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe"),
       sliding_windows=windows,
       initializer_range=float(getattr(hf_config, "initializer_range", 0.02)),
       hidden_act=_activation_from_hf(hf_config),
@@ -325,7 +348,59 @@ class ModelConfig:
       )
     if model_type == "phi3":
       common.update(fused_qkv=True, fused_gate_up=True)
+    if model_type in MOE_MODEL_TYPES:
+      common.update(_experts_from_hf(hf_config, model_type))
     return cls(**common)
+
+
+def _check_experts(config: ModelConfig) -> None:
+  e, k = config.num_experts, config.num_experts_per_tok
+  if not 1 <= k <= e:
+    raise ValueError(
+      f"num_experts_per_tok = {k} with num_experts = {e}; each token needs "
+      "between 1 and num_experts experts"
+    )
+  if config.moe_intermediate_size is None:
+    object.__setattr__(
+      config, "moe_intermediate_size", config.intermediate_size
+    )
+
+
+def _experts_from_hf(hf_config: Any, model_type: str) -> dict:
+  """The MoE fields of a Mixtral or Qwen3-MoE config (transformers 5)."""
+  n = hf_config.num_hidden_layers
+  if model_type == "qwen3_moe":
+    dense = sorted(getattr(hf_config, "mlp_only_layers", None) or [])
+    step = getattr(hf_config, "decoder_sparse_step", 1)
+    if dense or step != 1:
+      sparse = [i for i in range(n)
+                if i not in dense and (i + 1) % step == 0]
+      raise NotImplementedError(
+        f"config.mlp_only_layers = {dense} / decoder_sparse_step = {step} "
+        f"make only layers {sparse} of {n} sparse; jlora.models runs every "
+        "layer as a Mixture-of-Experts block (mlp_only_layers = [], "
+        "decoder_sparse_step = 1, as in Qwen3-30B-A3B and Qwen3-235B-A22B)"
+      )
+    experts = hf_config.num_experts
+    width = hf_config.moe_intermediate_size
+    norm = bool(hf_config.norm_topk_prob)
+  else:
+    jitter = float(getattr(hf_config, "router_jitter_noise", 0.0) or 0.0)
+    if jitter:
+      raise NotImplementedError(
+        f"config.router_jitter_noise = {jitter} (multiplicative noise on the "
+        "router input while training) is not implemented; set it to 0.0"
+      )
+    experts = hf_config.num_local_experts
+    width = hf_config.intermediate_size
+    norm = True  # softmax over the top-k logits
+  return dict(
+    num_experts=int(experts),
+    num_experts_per_tok=int(hf_config.num_experts_per_tok),
+    moe_intermediate_size=int(width),
+    norm_topk_prob=norm,
+    router_aux_loss_coef=float(getattr(hf_config, "router_aux_loss_coef", 0.0)),
+  )
 
 
 def _softcap(hf_config: Any, name: str) -> float | None:
@@ -412,7 +487,11 @@ def _windows_from_hf(hf_config: Any, model_type: str) -> tuple[int | None, ...]:
   window = getattr(hf_config, "sliding_window", None)
   if model_type == "llama" or window is None:
     return (None,) * n
-  if model_type in ("mistral", "phi3"):
+  if model_type == "qwen3_moe" and not getattr(
+    hf_config, "use_sliding_window", False
+  ):
+    return (None,) * n
+  if model_type in ("mistral", "phi3", "mixtral", "qwen3_moe"):
     return (int(window),) * n
   # Qwen2/Qwen3/Gemma: per-layer attention types; older transformers derive
   # Qwen's from use_sliding_window and max_window_layers.

@@ -60,6 +60,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from jlora.models import _attention
+from jlora.models._moe import SparseMoE, token_mask
 from jlora.models._rope import apply_rope, cos_sin
 from jlora.models.config import ModelConfig
 
@@ -72,12 +73,12 @@ REMAT_POLICIES = (
 # qkv_proj and gate_up_proj in place of their parts), and the attention output
 # before o_proj ("attention"). With a fused attention kernel (cuDNN)
 # "attention" instead selects the kernel's own residuals, its output and
-# softmax statistics, so that the output is not stored twice. "layer_input"
+# softmax statistics, so that the output is not stored twice. "decoder_input"
 # is the layer's input, the residual stream (B, T, hidden), which every remat
 # policy keeps; offloading it leaves the device only each layer's working
 # set (long context).
 CHECKPOINT_NAMES = (
-  "layer_input",
+  "decoder_input",
   "q_proj",
   "k_proj",
   "v_proj",
@@ -500,17 +501,17 @@ def _over_token_chunks(fn, module, x, chunk: int):
 
 
 def _name_layer_input(h, on_device: int):
-  """Tags a layer's input "layer_input" for remat policies and offload.
+  """Tags a layer's input "decoder_input" for remat policies and offload.
 
   With `on_device` > 0 (a partial offload) only the trailing features carry
-  that name; the leading `on_device` ones are tagged "layer_input_kept",
+  that name; the leading `on_device` ones are tagged "decoder_input_kept",
   which `_SaveNames` keeps on the device. The layer reads the two parts
   joined again, so the backward pass needs the parts, not the input.
   """
   if not on_device:
-    return checkpoint_name(h, "layer_input")
-  kept = checkpoint_name(h[..., :on_device], "layer_input_kept")
-  moved = checkpoint_name(h[..., on_device:], "layer_input")
+    return checkpoint_name(h, "decoder_input")
+  kept = checkpoint_name(h[..., :on_device], "decoder_input_kept")
+  moved = checkpoint_name(h[..., on_device:], "decoder_input")
   return jnp.concatenate([kept, moved], axis=-1)
 
 
@@ -543,7 +544,13 @@ class DecoderLayer(_Sub):
     attn_out, cache = Attention(
       c, self.dtype, self.param_dtype, self.attention, name="self_attn"
     )(self.norm("input_layernorm")(h), kind, ctx, cache)
-    mlp = MLP(c, self.dtype, self.param_dtype, self.mlp_chunk, name="mlp")
+    if c.num_experts:  # Mixture of experts: jlora/models/_moe.py
+      mlp = functools.partial(
+        SparseMoE(c, self.dtype, self.param_dtype, name="mlp"),
+        valid=token_mask(ctx),
+      )
+    else:
+      mlp = MLP(c, self.dtype, self.param_dtype, self.mlp_chunk, name="mlp")
     if c.sandwich_norms:
       h = h + self.norm("post_attention_layernorm")(attn_out)
       out = mlp(self.norm("pre_feedforward_layernorm")(h))
@@ -590,7 +597,7 @@ class _SaveNames:
   offload: frozenset = frozenset()
 
   def _decide(self, name: str):
-    if name in self.save or name == "layer_input_kept":
+    if name in self.save or name == "decoder_input_kept":
       return True
     if name in self.offload:
       return jax.ad_checkpoint.Offloadable(src="device", dst="pinned_host")
@@ -686,11 +693,11 @@ def _check_long_context(opts) -> None:
       f"offload_fraction={fraction!r}; use a share in (0, 1] of the layer "
       "input's features to keep in host memory"
     )
-  if fraction < 1 and "layer_input" not in opts.offload:
+  if fraction < 1 and "decoder_input" not in opts.offload:
     raise ValueError(
       f"offload_fraction={fraction} applies to the offloaded layer input, "
-      f"but offload={tuple(opts.offload)!r} does not name 'layer_input'; add "
-      "it (offload=('layer_input',)) or leave offload_fraction at 1.0"
+      f"but offload={tuple(opts.offload)!r} does not name 'decoder_input'; add "
+      "it (offload=('decoder_input',)) or leave offload_fraction at 1.0"
     )
 
 
@@ -702,7 +709,7 @@ def _input_on_device(opts) -> int:
   have them, so both parts keep the GPU's preferred layout.
   """
   hidden = opts.config.hidden_size
-  if "layer_input" not in opts.offload or opts.offload_fraction >= 1:
+  if "decoder_input" not in opts.offload or opts.offload_fraction >= 1:
     return 0
   unit = 128 if hidden % 128 == 0 and hidden >= 1024 else 1
   moved = int(round(hidden * opts.offload_fraction / unit)) * unit
@@ -807,7 +814,8 @@ class Decoder(_Options):
     if self.scan_layers:
       self.layers = nn.scan(
         layer_cls,
-        variable_axes={"params": 0},
+        # "intermediates": per-layer values sown (MoE routing statistics).
+        variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast),
         length=c.num_layers,

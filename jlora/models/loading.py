@@ -19,6 +19,8 @@ With `scan_layers=True`, `model.layers.<i>.<rest>` for every i are stacked into
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -31,8 +33,10 @@ import jax.numpy as jnp
 # Registers bfloat16 with NumPy, so safetensors can return bf16 arrays.
 import ml_dtypes  # noqa: F401
 import numpy as np
+from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jlora.models import _moe_loading
 from jlora.models.config import ModelConfig
 from jlora.models.decoder import CausalLM
 
@@ -83,9 +87,12 @@ def from_pretrained(
     shardings: overrides the rule: a callable `(path, shape) -> Sharding` with
       '/'-joined Flax paths, or a params-shaped dict (nested or flat with '/'
       keys) of `Sharding`s.
-    quantize: "nf4", "fp4" or "int8" quantizes every linear kernel tensor by
-      tensor as it is placed (QLoRA; see `jlora.quantize`), so device memory
-      stays near the quantized size; or a callable `(path, array) -> leaf`.
+    quantize: "nf4", "fp4", "int8" or "fp8" quantizes every linear kernel
+      tensor by tensor as it is placed (QLoRA; see `jlora.quantize`), and
+      with `scan_layers` a stacked kernel layer by layer, so device memory
+      stays near the quantized size plus one layer's tensor; or a callable
+      `(path, array) -> leaf` (given (1, ...) layer slices of stacked
+      parameters, whose leading axis every array it returns keeps).
 
   Returns:
     `(model, params)`; `model.apply({"params": params}, input_ids)` gives
@@ -182,9 +189,23 @@ def from_config(
   `hf_config` is a transformers config or a `ModelConfig`. Parameters are
   created directly with their shardings when `mesh` or `shardings` is given.
 
+  With `quantize` ("nf4", "fp4", "int8", "fp8", or a callable `(path, array)
+  -> leaf` as in `from_pretrained`) the model is made one decoder layer at a
+  time and each layer's kernels are quantized before the next layer exists,
+  so memory peaks near the quantized model plus one dense layer, never the
+  dense model (a 70B model in NF4 on one GPU). The layers' random values then
+  come from `key` per layer (layer i from `fold_in(key_layers, i)`), the same
+  with or without `scan_layers`, and differ from the dense path's; a callable
+  hook that returns its array unchanged gives that dense model. With
+  `scan_layers` the hook sees each stacked parameter one layer at a time, as
+  a (1, ...) slice named by the stacked path; the pieces are joined along the
+  leading axis of every array the hook returns.
+
   Example:
     >>> cfg = LlamaConfig(num_hidden_layers=2)
     >>> model, params = from_config(cfg, jax.random.key(0))
+    >>> model, qparams = from_config(cfg, jax.random.key(0), quantize="nf4",
+    ...                              scan_layers=True)
   """
   config = (
     hf_config
@@ -195,6 +216,9 @@ def from_config(
     config, dtype, param_dtype, scan_layers, remat, attention
   )
   dummy = jnp.zeros((1, 1), jnp.int32)
+  if quantize is not None:
+    rule = _sharding_rule(mesh, shardings)
+    return model, _init_by_layer(model, key, rule, _quantize_hook(quantize))
 
   def init(k):
     return model.init(k, dummy)["params"]
@@ -287,17 +311,41 @@ def _to_numpy(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
-def _sources(path: str, model: CausalLM) -> list[str]:
-  """HF keys feeding the leaf at `path` (one per layer when scanned)."""
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """The HF tensors of one leaf (of one layer when stacked), their shapes,
+  and how they become the leaf's array."""
+
+  keys: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
+  build: Callable[[list[np.ndarray]], np.ndarray]
+
+
+def _transpose(xs):
+  return xs[0].T
+
+
+def _as_is(xs):
+  return xs[0]
+
+
+def _sources(path: str, model: CausalLM, struct, available) -> list[_Source]:
+  """How to read the leaf at `path` (one `_Source` per layer when scanned)."""
   parts = path.split("/")
+  if model.config.num_experts and _moe_loading.is_expert_leaf(path):
+    return _moe_loading.sources(path, model, available, _Source)
   suffix = "bias" if parts[-1] == "bias" else "weight"
+  kernel = parts[-1] == "kernel"
+  per_layer = struct.shape[1:] if _stacked(path, model) else struct.shape
+  shape = (tuple(per_layer[::-1]) if kernel else tuple(per_layer),)
+  build = _transpose if kernel else _as_is
   if model.scan_layers and parts[:2] == ["model", "layers"]:
     rest = ".".join(parts[2:-1])
     return [
-      f"model.layers.{i}.{rest}.{suffix}"
+      _Source((f"model.layers.{i}.{rest}.{suffix}",), shape, build)
       for i in range(model.config.num_layers)
     ]
-  return [".".join(parts[:-1] + [suffix])]
+  return [_Source((".".join(parts[:-1] + [suffix]),), shape, build)]
 
 
 def _default_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
@@ -348,9 +396,12 @@ def _assemble(
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))
   expected = traverse_util.flatten_dict(shapes["params"], sep="/")
   available = set(keys)
-  plan = {path: _sources(path, model) for path in expected}
+  plan = {
+    path: _sources(path, model, struct, available)
+    for path, struct in expected.items()
+  }
 
-  needed = {k for ks in plan.values() for k in ks}
+  needed = {k for srcs in plan.values() for src in srcs for k in src.keys}
   missing = sorted(needed - available)
   if missing:
     raise CheckpointMismatchError(
@@ -371,51 +422,285 @@ def _assemble(
       "(num_hidden_layers, tie_word_embeddings, model_type) belongs to these "
       "weights"
     )
-  for path, struct in expected.items():
-    per_layer = struct.shape[1:] if _stacked(path, model) else struct.shape
-    hf_shape = per_layer[::-1] if path.endswith("kernel") else per_layer
-    for k in plan[path]:
-      found = tuple(shape_of(k))
-      if found != tuple(hf_shape):
-        raise CheckpointMismatchError(
-          f"tensor {k!r} in {where(k)} has shape {found}, expected "
-          f"{tuple(hf_shape)} for parameter {path!r}; config.json does not "
-          "match the weights"
-        )
+  for path in expected:
+    for src in plan[path]:
+      for k, hf_shape in zip(src.keys, src.shapes):
+        found = tuple(shape_of(k))
+        if found != tuple(hf_shape):
+          raise CheckpointMismatchError(
+            f"tensor {k!r} in {where(k)} has shape {found}, expected "
+            f"{tuple(hf_shape)} for parameter {path!r}; config.json does not "
+            "match the weights"
+          )
 
   rule = _sharding_rule(mesh, shardings)
-  hook = quantize
+  hook = _quantize_hook(quantize)
+  params = {}
+  for path, struct in expected.items():
+    sharding = rule(path, struct.shape)
+    if hook is not None and _stacked(path, model):
+      # Quantizing: one layer's tensor at a time on the device, never the
+      # dense stack.
+      stack = _Stack(model.config.num_layers)
+      piece = _slice_sharding(sharding)
+      for i, src in enumerate(plan[path]):
+        x = _read_one(src, struct.dtype, read)[None]
+        stack.put(path, i, hook(path, _place(x, piece)), sharding)
+      params[path] = stack.result()
+      continue
+    x = _read_leaf(path, plan[path], struct, read, model)
+    leaf = _place(x, sharding)
+    params[path] = leaf if hook is None else hook(path, leaf)
+  return traverse_util.unflatten_dict(params, sep="/")
+
+
+def _place(x, sharding):
+  return jax.device_put(x) if sharding is None else jax.device_put(x, sharding)
+
+
+def _quantize_hook(quantize):
+  """`quantize` as a `(path, array) -> leaf` hook (None: no quantization)."""
   if isinstance(quantize, str):
     from jlora.quant import quantizer
 
-    hook = quantizer(quantize)
-  params = {}
-  for path, struct in expected.items():
-    x = _read_leaf(path, plan[path], struct, read, model)
-    sharding = rule(path, struct.shape)
-    leaf = (
-      jax.device_put(x) if sharding is None else jax.device_put(x, sharding)
+    return quantizer(quantize)
+  if quantize is not None and not callable(quantize):
+    raise TypeError(
+      f"quantize={quantize!r}; give a method name ('nf4', 'fp4', 'int8', "
+      "'fp8') or a callable (path, array) -> leaf"
     )
-    params[path] = leaf if hook is None else hook(path, leaf)
+  return quantize
+
+
+def _slice_sharding(sharding):
+  """The sharding of a (1, ...) layer slice of a stacked parameter."""
+  if isinstance(sharding, NamedSharding) and len(sharding.spec):
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec[1:]))
+  return sharding
+
+
+class _Stack:
+  """Joins per-layer pieces into stacked leaves, in place.
+
+  Each piece is what the quantize hook made of one (1, ...) layer slice (an
+  array or a pytree such as a `QuantizedArray`); every array in it keeps the
+  leading axis of length 1. The stacked arrays are allocated at the first
+  piece and each layer is written into them by a donated update, so the
+  stack exists once, never as pieces plus a concatenated copy.
+  """
+
+  def __init__(self, num_layers: int):
+    self.num_layers = num_layers
+    self.treedef = None
+    self.buffers: list[jax.Array] = []
+
+  def put(self, path: str, i: int, piece: Any, sharding=None) -> None:
+    leaves, treedef = jax.tree.flatten(piece)
+    bad = [tuple(x.shape) for x in leaves if x.ndim == 0 or x.shape[0] != 1]
+    if bad:
+      raise ValueError(
+        f"the quantize hook returned arrays of shapes {bad} for layer {i} of "
+        f"{path!r}; it gets a (1, ...) slice of a stacked parameter and must "
+        "keep that leading axis in every array it returns (or load with "
+        "scan_layers=False)"
+      )
+    if self.treedef is None:
+      self.treedef = treedef
+      self.buffers = [
+        _zeros(
+          (self.num_layers, *x.shape[1:]), x.dtype, _stack_sharding(x, sharding)
+        )
+        for x in leaves
+      ]
+    elif treedef != self.treedef:
+      raise ValueError(
+        f"the quantize hook returned {treedef} for layer {i} of {path!r} but "
+        f"{self.treedef} for layer 0; it must treat every layer alike"
+      )
+    self.buffers = [
+      _write_layer(b, x, jnp.int32(i)) for b, x in zip(self.buffers, leaves)
+    ]
+
+  def result(self) -> Any:
+    return jax.tree.unflatten(self.treedef, self.buffers)
+
+
+def _stack_sharding(piece: jax.Array, stacked_sharding):
+  """A stacked buffer's sharding: the piece's, with the stack's layer axis."""
+  sharding = getattr(piece, "sharding", None)
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  lead = None
+  if isinstance(stacked_sharding, NamedSharding) and len(stacked_sharding.spec):
+    lead = stacked_sharding.spec[0]
+  spec = tuple(sharding.spec) + (None,) * (piece.ndim - len(sharding.spec))
+  return NamedSharding(sharding.mesh, PartitionSpec(lead, *spec[1:]))
+
+
+def _zeros(shape, dtype, sharding):
+  return jnp.zeros(shape, dtype, device=sharding)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(buffer, piece, i):
+  return lax.dynamic_update_index_in_dim(buffer, piece[0], i, 0)
+
+
+def _one_layer(config: ModelConfig) -> ModelConfig:
+  """`config` with only its first decoder layer (per-layer tuples cut)."""
+  n = config.num_layers
+  cut = {
+    f.name: getattr(config, f.name)[:1]
+    for f in dataclasses.fields(config)
+    if isinstance(getattr(config, f.name), tuple)
+    and len(getattr(config, f.name)) == n
+  }
+  return dataclasses.replace(config, num_layers=1, **cut)
+
+
+def _init_by_layer(model: CausalLM, key, rule, hook) -> Params:
+  """`from_config`'s params made and quantized one decoder layer at a time.
+
+  A one-layer copy of the model gives every parameter its initializer: its
+  layer ("model/layers/0") is initialised once per layer of the real model
+  (layer i from `fold_in(layer_key, i)`), its other parameters (embedding,
+  final norm, head) once from `rest_key`. Each is a small jitted program
+  whose outputs are only the parameters asked for, so XLA computes nothing
+  else.
+  """
+  config, n = model.config, model.config.num_layers
+  dummy = jnp.zeros((1, 1), jnp.int32)
+  def flat(tree):
+    return traverse_util.flatten_dict(tree, sep="/")
+
+  expected = flat(jax.eval_shape(model.init, key, dummy)["params"])
+  one = CausalLM(_one_layer(config), model.dtype, model.param_dtype, False,
+                 "none", model.attention)
+  one_shapes = flat(jax.eval_shape(one.init, key, dummy)["params"])
+  prefix = "model/layers/0/"
+  layer_shapes = {
+    p[len(prefix):]: s for p, s in one_shapes.items() if p.startswith(prefix)
+  }
+  rest_shapes = {
+    p: s for p, s in one_shapes.items() if not p.startswith("model/layers/")
+  }
+
+  def full_path(name: str, i: int) -> str:
+    return (
+      f"model/layers/{name}" if model.scan_layers
+      else f"model/layers/{i}/{name}"
+    )
+
+  for i in range(1 if model.scan_layers else n):
+    want = {
+      full_path(name, i): ((n, *s.shape) if model.scan_layers else s.shape)
+      for name, s in layer_shapes.items()
+    }
+    got = {p: tuple(expected[p].shape) for p in want if p in expected}
+    if got != {p: tuple(s) for p, s in want.items()}:
+      raise NotImplementedError(
+        f"decoder layer {i} of this {config.model_type} model has other "
+        "parameters than its first layer; quantize=... initialises every "
+        "layer like the first. Create the dense model (quantize=None) and "
+        "jlora.quantize it"
+      )
+
+  rest_key, layer_key = jax.random.split(key)
+  params: dict[str, Any] = {}
+
+  # Embedding, final norm, head: at most as large as one dense layer each.
+  shardings = {p: rule(p, expected[p].shape) for p in rest_shapes}
+  make_rest = _init_program(
+    one, dummy, lambda p: p if p in rest_shapes else None, shardings
+  )
+  for path, x in make_rest(rest_key).items():
+    params[path] = hook(path, x)
+
+  # Decoder layers, each quantized before the next is made.
+  stacked = {
+    name: rule(full_path(name, 0), expected[full_path(name, 0)].shape)
+    for name in layer_shapes
+  }
+
+  def layer_name(p):
+    return p[len(prefix):] if p.startswith(prefix) else None
+
+  if model.scan_layers:
+    make_layer = _init_program(
+      one, dummy, layer_name,
+      {k: _slice_sharding(v) for k, v in stacked.items()}, lead_axis=True,
+    )
+    stacks = {name: _Stack(n) for name in layer_shapes}
+    for i in range(n):
+      for name, x in make_layer(jax.random.fold_in(layer_key, i)).items():
+        path = full_path(name, i)
+        stacks[name].put(path, i, hook(path, x), stacked[name])
+    for name, stack in stacks.items():
+      params[full_path(name, 0)] = stack.result()
+  else:
+    programs = {}  # one program per distinct placement (usually one)
+    for i in range(n):
+      shardings = {
+        name: rule(full_path(name, i), expected[full_path(name, i)].shape)
+        for name in layer_shapes
+      }
+      placement = tuple(shardings.items())
+      if placement not in programs:
+        programs[placement] = _init_program(one, dummy, layer_name, shardings)
+      make_layer = programs[placement]
+      for name, x in make_layer(jax.random.fold_in(layer_key, i)).items():
+        path = full_path(name, i)
+        params[path] = hook(path, x)
   return traverse_util.unflatten_dict(params, sep="/")
+
+
+def _init_program(model, dummy, rename, shardings, lead_axis=False):
+  """A jitted `key -> {name: array}` of the parameters `rename` keeps.
+
+  `rename(path)` gives a kept parameter's name or None; `lead_axis` adds a
+  leading axis of length 1 (a layer slice of a stacked parameter).
+  """
+
+  def make(k):
+    flat = traverse_util.flatten_dict(model.init(k, dummy)["params"], sep="/")
+    out = {}
+    for path, x in flat.items():
+      name = rename(path)
+      if name is not None:
+        out[name] = x[None] if lead_axis else x
+    return out
+
+  if any(s is None for s in shardings.values()):
+    # Some placement left to the default device: place afterwards.
+    def placed(k):
+      out = jax.jit(make)(k)
+      return {
+        n: x if shardings[n] is None else jax.device_put(x, shardings[n])
+        for n, x in out.items()
+      }
+
+    return placed
+  return jax.jit(make, out_shardings=shardings)
 
 
 def _stacked(path: str, model: CausalLM) -> bool:
   return model.scan_layers and path.startswith("model/layers/")
 
 
-def _read_leaf(path, keys, struct, read, model) -> np.ndarray:
-  transpose = path.endswith("kernel")
+def _read_one(src, dtype, read) -> np.ndarray:
+  """One parameter (or one layer of it) in our layout and dtype."""
+  return src.build([read(k) for k in src.keys]).astype(dtype, copy=False)
 
-  def one(k):
-    x = read(k)
-    return (x.T if transpose else x).astype(struct.dtype, copy=False)
+
+def _read_leaf(path, sources, struct, read, model) -> np.ndarray:
+  def one(src):
+    return _read_one(src, struct.dtype, read)
 
   if not _stacked(path, model):
-    return one(keys[0])
+    return one(sources[0])
   # Fill a preallocated stack layer by layer: one stacked parameter in host
   # memory at a time.
   out = np.empty(struct.shape, struct.dtype)
-  for i, k in enumerate(keys):
-    out[i] = one(k)
+  for i, src in enumerate(sources):
+    out[i] = one(src)
   return out
