@@ -12,9 +12,10 @@ Paths (`impl`):
   "auto"   `jax.nn.dot_product_attention`'s own choice; soft-capped models
            take the "xla" path.
   "chunked" flash attention written in XLA (`_chunked_attention`): causal
-           rows in blocks, memory linear in sequence length, any backend,
-           windows and soft-capping; calls with a mask (padding, packed
-           documents, caches) take the "xla" path.
+           rows in blocks, memory linear in sequence length, any backend and
+           dtype, windows, soft-capping, padding and packed documents (as
+           segment ids, `chunked`); calls through a KV cache (decoding) take
+           the "xla" path.
 """
 
 from __future__ import annotations
@@ -80,9 +81,8 @@ def attend(q, k, v, *, mask, impl, window, scale, softcap):
   softcap * tanh(s / softcap).
   """
   if impl == "chunked" and mask is None:
-    out = causal_attention(q, k, v, scale=scale, window=window_value(window),
-                           softcap=softcap)
-    return checkpoint_name(out, "attention")
+    return chunked(q, k, v, window=window_value(window), scale=scale,
+                   softcap=softcap)
   if impl in ("xla", "chunked") or softcap is not None:
     if mask is None:
       t, s = q.shape[1], k.shape[1]
@@ -125,6 +125,15 @@ def attend(q, k, v, *, mask, impl, window, scale, softcap):
   )
 
 
+def chunked(q, k, v, *, window, scale, softcap, segment_ids=None):
+  """The "chunked" path: `causal_attention` with its output named
+  "attention" for remat policies. `window` an int or a traced int32;
+  `segment_ids` (B, T) int or None (0: padding, sees nothing, outputs 0)."""
+  out = causal_attention(q, k, v, scale=scale, window=window, softcap=softcap,
+                         segment_ids=segment_ids)
+  return checkpoint_name(out, "attention")
+
+
 def causal(q, k, v, *, impl, windows, kind, scale, softcap):
   """Plain causal attention (no mask) for a layer whose window is
   `windows[kind]`: `kind` a Python int (unrolled layers) or a traced int32
@@ -140,9 +149,7 @@ def causal(q, k, v, *, impl, windows, kind, scale, softcap):
                   softcap=softcap)
   if impl == "chunked":
     values = jnp.asarray([window_value(w) for w in windows], jnp.int32)
-    out = causal_attention(q, k, v, scale=scale, window=values[kind],
-                           softcap=softcap)
-    return checkpoint_name(out, "attention")
+    return chunked(q, k, v, window=values[kind], scale=scale, softcap=softcap)
   if impl == "xla" or softcap is not None:
     t, s = q.shape[1], k.shape[1]
     values = jnp.asarray([window_value(w) for w in windows], jnp.int32)

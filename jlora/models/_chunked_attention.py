@@ -38,18 +38,30 @@ DEFAULT_BLOCK = 512
 
 
 def causal_attention(q, k, v, *, scale: float, window, softcap=None,
-                     block: int = DEFAULT_BLOCK):
+                     segment_ids=None, block: int | None = None):
   """Causal softmax attention of q (B,T,N,D) over k/v (B,T,K,D) -> (B,T,N,D).
 
   A query at slot t sees key slots s with 0 <= t - s < window (`window` a
-  Python int or a traced int32 scalar; a huge value for no window). Grouped
+  Python int or a traced int32 scalar; a huge value for no window) and, given
+  `segment_ids` (B, T) int, only keys of its own document: equal non-zero
+  ids (0 marks padding, which sees nothing and outputs zeros). Grouped
   queries: the N // K query heads of a group share one k/v head. T need not
-  divide by `block` (the tail is padded; padded keys lie after every real
-  query, so causality hides them).
+  divide by `block` (default `DEFAULT_BLOCK`; the tail is padded, and padded
+  keys lie after every real query, so causality hides them).
+
+  Example:
+    >>> q = k = v = jnp.ones((1, 1000, 4, 64), jnp.bfloat16)
+    >>> out = causal_attention(q, k, v, scale=64 ** -0.5, window=2 ** 31 - 1)
+    >>> out.shape  # (1, 1000, 4, 64), no (1000, 1000) scores on the way
   """
   b, t, n, d = q.shape
   kv = k.shape[2]
-  blk = min(block, t)
+  if k.shape[:2] != (b, t) or v.shape != k.shape or n % kv:
+    raise ValueError(
+      f"chunked attention needs q (B,T,N,D) and k, v (B,T,K,D) with K "
+      f"dividing N; got q {q.shape}, k {k.shape}, v {v.shape}"
+    )
+  blk = min(block or DEFAULT_BLOCK, t)
   pad = -t % blk
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
@@ -59,8 +71,13 @@ def causal_attention(q, k, v, *, scale: float, window, softcap=None,
   k5 = k.reshape(b, nb, blk, kv, d)
   v5 = v.reshape(b, nb, blk, kv, d)
   window = jnp.asarray(window, jnp.int32)
+  if segment_ids is None:
+    seg = None
+  else:
+    seg = jnp.pad(jnp.asarray(segment_ids, jnp.int32), ((0, 0), (0, pad)))
+    seg = seg.reshape(b, nb, blk)
   cap = None if softcap is None else float(softcap)
-  out = _attention(q6, k5, v5, window, float(scale), cap)
+  out = _attention(q6, k5, v5, window, seg, float(scale), cap)
   return out.reshape(b, nb * blk, n, d)[:, :t]
 
 
@@ -84,7 +101,7 @@ def _last_query_block(j, blk, window, nb):
   return jnp.minimum(last_slot // blk + 1, nb)
 
 
-def _scores(qi, kj, i, j, window, scale, cap):
+def _scores(qi, kj, i, j, window, seg, scale, cap):
   """Capped scores (B, K, G, bq, bk) f32, masked to -inf, and the raw cap
   ratio z / c (for the cap's derivative) or None."""
   z = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj,
@@ -94,11 +111,16 @@ def _scores(qi, kj, i, j, window, scale, cap):
     ratio = jnp.tanh(z / cap)
     z = cap * ratio
   blk = qi.shape[1]
-  z = jnp.where(_visible(i, j, blk, window), z, -jnp.inf)
+  visible = _visible(i, j, blk, window)[None]
+  if seg is not None:
+    si, sj = seg[:, i], seg[:, j]
+    visible = visible & ((si[:, :, None] == sj[:, None, :])
+                         & (si != 0)[:, :, None])
+  z = jnp.where(visible[:, None, None], z, -jnp.inf)
   return z, ratio
 
 
-def _forward(q6, k5, v5, window, scale, cap):
+def _forward(q6, k5, v5, window, seg, scale, cap):
   nb, blk = q6.shape[1], q6.shape[2]
 
   def query_block(i):
@@ -110,7 +132,7 @@ def _forward(q6, k5, v5, window, scale, cap):
 
     def step(j, carry):
       m, l, acc = carry
-      z, _ = _scores(qi, k5[:, j], i, j, window, scale, cap)
+      z, _ = _scores(qi, k5[:, j], i, j, window, seg, scale, cap)
       m_new = jnp.maximum(m, jnp.max(z, axis=-1))
       # Rows that have seen no key yet keep m = -inf; shift them by 0.
       shift = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
@@ -124,26 +146,30 @@ def _forward(q6, k5, v5, window, scale, cap):
 
     lo = _first_key_block(i, blk, window)
     m, l, acc = lax.fori_loop(lo, i + 1, step, (m0, l0, acc0))
-    out = acc / jnp.moveaxis(l, -1, 1)[..., None]
-    return out.astype(q6.dtype), m + jnp.log(l)
+    # A query that sees no key (padding) has l = 0: output 0, and lse 0 so
+    # that the backward pass's e^(z - lse) is e^-inf = 0, not NaN.
+    empty = l == 0
+    out = acc / jnp.moveaxis(jnp.where(empty, 1.0, l), -1, 1)[..., None]
+    lse = jnp.where(empty, 0.0, m + jnp.log(jnp.where(empty, 1.0, l)))
+    return out.astype(q6.dtype), lse
 
   out, lse = lax.map(query_block, jnp.arange(nb))
   # (nb, B, blk, K, G, D) -> (B, nb, blk, K, G, D); lse (nb, B, K, G, blk).
   return jnp.moveaxis(out, 0, 1), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q6, k5, v5, window, scale, cap):
-  return _forward(q6, k5, v5, window, scale, cap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q6, k5, v5, window, seg, scale, cap):
+  return _forward(q6, k5, v5, window, seg, scale, cap)[0]
 
 
-def _attention_fwd(q6, k5, v5, window, scale, cap):
-  out, lse = _forward(q6, k5, v5, window, scale, cap)
-  return out, (q6, k5, v5, window, out, lse)
+def _attention_fwd(q6, k5, v5, window, seg, scale, cap):
+  out, lse = _forward(q6, k5, v5, window, seg, scale, cap)
+  return out, (q6, k5, v5, window, seg, out, lse)
 
 
 def _attention_bwd(scale, cap, res, dout):
-  q6, k5, v5, window, out, lse = res
+  q6, k5, v5, window, seg, out, lse = res
   nb, blk = q6.shape[1], q6.shape[2]
   # D_t = sum_d dO * O, per query and head: (nb, B, K, G, blk) like lse.
   big_d = jnp.einsum("bnqkgd,bnqkgd->nbkgq", dout.astype(jnp.float32),
@@ -156,7 +182,7 @@ def _attention_bwd(scale, cap, res, dout):
     def step(i, carry):
       dq, dk, dv = carry
       qi, doi = q6[:, i], dout[:, i]
-      z, ratio = _scores(qi, kj, i, j, window, scale, cap)
+      z, ratio = _scores(qi, kj, i, j, window, seg, scale, cap)
       p = jnp.exp(z - lse[i][..., None])
       dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(doi.dtype), doi,
                            preferred_element_type=jnp.float32)
@@ -180,7 +206,7 @@ def _attention_bwd(scale, cap, res, dout):
 
   dq, (dk, dv) = lax.scan(key_block, dq0, jnp.arange(nb))
   dk, dv = jnp.moveaxis(dk, 0, 1), jnp.moveaxis(dv, 0, 1)
-  return dq.astype(q6.dtype), dk, dv, None
+  return dq.astype(q6.dtype), dk, dv, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

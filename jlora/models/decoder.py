@@ -376,6 +376,14 @@ class Attention(_Sub):
           q, k, v, impl=self.attention, windows=windows, kind=kind.window,
           scale=c.attention_scale, softcap=c.attn_softcap,
         )
+      elif self.attention == "chunked":
+        # Padding and packed documents as segment ids (0: sees nothing), so
+        # that no (T, T) mask exists either.
+        seg = 1 if ctx.segment_ids is None else ctx.segment_ids
+        seg = jnp.where(ctx.kv_valid, seg, 0)
+        out = _attention.chunked(q, k, v, window=window, segment_ids=seg,
+                                 scale=c.attention_scale,
+                                 softcap=c.attn_softcap)
       else:
         mask = _attention.slot_mask(
           ctx.q_slots, ctx.q_slots, window, ctx.kv_valid, ctx.segment_ids
@@ -962,11 +970,27 @@ class CausalLM(_Options):
       bias instead of skipping masked blocks. (cuDNN's own packed layout,
       q/kv offsets, is not public API in jax 0.10/0.11.) cuDNN has no
       attention soft-capping: Gemma 2 (attn_softcap) raises with "cudnn" and
-      takes the XLA path with "auto".
+      takes the XLA path with "auto". "chunked": flash attention written in
+      XLA (`jlora.models._chunked_attention`), blocks of queries against
+      blocks of keys with an online softmax and a recomputing backward pass:
+      memory linear in sequence length on any backend and dtype, with
+      windows, soft-capping, padding and packed documents (no (T, T) mask
+      either); decoding through a KV cache takes the "xla" path.
     offload: names from `CHECKPOINT_NAMES` to keep in pinned host memory
       instead of recomputing them (needs a named `remat`, not "none"/"dots";
       pays only where host transfers hide behind compute, which they did not
       at the 8B shape on an H100: 41% slower than keeping them on the GPU).
+      offload=("decoder_input",) with remat="full" moves the residual
+      stream, the one value a full-remat step keeps per token and layer, to
+      the host: the long-context setting (`plan_memory` estimates it).
+    mlp_chunk: run the MLP (its LoRA products included) `mlp_chunk` tokens
+      at a time, forward and backward, so its (T, intermediate) activations
+      exist for one chunk only; None: the whole sequence at once. Needs a
+      remat that keeps no MLP projection ("full", "attention", or names).
+    offload_fraction: with offload=("decoder_input", ...), the share of the
+      layer input's features that goes to host memory (rounded to 128
+      features); the rest stays on the device, for when the host link cannot
+      hide the whole copy. 1.0: all of it.
 
   Call arguments (`model.apply({"params": p}, input_ids, ...)`):
     input_ids: (B, T) int tokens.
