@@ -22,6 +22,12 @@ Settings (all remat="full", chunked cross-entropy; GPU attention cuDNN):
   host_tiled   offload + tiled
   host_chunked host_tiled with attention="chunked" (flash attention in XLA)
                in place of cuDNN's kernel
+  half_host_tiled  host_tiled with offload_fraction=0.5: half the residual
+               stream on the host, for hosts smaller than the whole stream
+               (512k tokens of 8B: 128 GiB)
+
+One 512k step at the 8B shape is minutes of attention alone: probe first
+(--no-time), then time single lengths (--no-probe --seqs N --warmup 0).
 
 Columns: max length (tokens), tokens/s at --at and at the max, XLA's device
 footprint and the planner's estimate at the max (GiB), the device's peak.
@@ -52,6 +58,7 @@ SETTINGS = {
   "offload": dict(offload=HOST),
   "host_tiled": dict(offload=HOST, mlp_chunk=8192),
   "host_chunked": dict(offload=HOST, mlp_chunk=8192, attention="chunked"),
+  "half_host_tiled": dict(offload=HOST, offload_fraction=0.5, mlp_chunk=8192),
 }
 BASES = ("bf16", "nf4")
 # --tiny's rows: CPU stand-ins (XLA attention in place of cuDNN).
@@ -65,6 +72,7 @@ class Args:
   max_seq: int
   at: int
   steps: int
+  warmup: int
   limit_gib: float | None
   probe: bool
   time: bool
@@ -225,8 +233,10 @@ def timed(base, name, seq, args: Args, log) -> dict:
   compiled = step.step.lower(t, o, f, x, y).compile()
   out = dict(seq=seq, compile_s=time.perf_counter() - t0,
              **footprint(compiled))
-  t, o, loss = compiled(t, o, f, x, y)
-  first = float(loss)
+  first = None
+  for _ in range(args.warmup):
+    t, o, loss = compiled(t, o, f, x, y)
+    first = float(loss)
   t0 = time.perf_counter()
   for _ in range(args.steps):
     t, o, loss = compiled(t, o, f, x, y)
@@ -312,6 +322,7 @@ def main():
   p.add_argument("--max-seq", type=int, default=1 << 20)
   p.add_argument("--at", type=int, default=131072)
   p.add_argument("--steps", type=int, default=1)
+  p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--ce", type=int, default=8192,
                  help="cross-entropy chunk (tokens)")
   p.add_argument("--limit-gib", type=float, default=None,
@@ -326,7 +337,7 @@ def main():
   p.add_argument("--row", default=None, help=argparse.SUPPRESS)
   a = p.parse_args()
   args = Args(tiny=a.tiny, start=a.start, max_seq=a.max_seq, at=a.at,
-              steps=a.steps, limit_gib=a.limit_gib, probe=not a.no_probe,
+              steps=a.steps, warmup=a.warmup, limit_gib=a.limit_gib, probe=not a.no_probe,
               time=not a.no_time,
               seqs=tuple(int(s) for s in a.seqs.split(",") if s), ce=a.ce)
   if a.tiny:
