@@ -337,8 +337,8 @@ def main():
   p.add_argument("--row", default=None, help=argparse.SUPPRESS)
   a = p.parse_args()
   args = Args(tiny=a.tiny, start=a.start, max_seq=a.max_seq, at=a.at,
-              steps=a.steps, warmup=a.warmup, limit_gib=a.limit_gib, probe=not a.no_probe,
-              time=not a.no_time,
+              steps=a.steps, warmup=a.warmup, limit_gib=a.limit_gib,
+              probe=not a.no_probe, time=not a.no_time,
               seqs=tuple(int(s) for s in a.seqs.split(",") if s), ce=a.ce)
   if a.tiny:
     args = dataclasses.replace(

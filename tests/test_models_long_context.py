@@ -18,8 +18,7 @@ import pytest
 from helpers import randomize_b, rel_err
 
 import jlora
-from jlora.models import CausalLM, ModelConfig
-from jlora.models import _chunked_attention
+from jlora.models import CausalLM, ModelConfig, _chunked_attention
 from jlora.models.losses import causal_lm_loss
 
 TARGETS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"

@@ -236,13 +236,13 @@ def _activations(c, t, b, dtype, quantize, setting, backend):
 
 def format_plans(plans: Sequence[MemoryPlan]) -> str:
   """A table of plans: setting, device GiB, host GiB, fits."""
-  rows = ["remat      offload            frac  mlp_chunk  attention  device "
-          "GiB  host GiB  fits"]
+  rows = [("remat      offload            frac  mlp_chunk  attention  device "
+           "GiB  host GiB  fits")]
   for p in plans:
     st = p.setting
     rows.append(
-      f"{str(st.get('remat')):10s} {'+'.join(st.get('offload', ())) or '-':18s}"
-      f" {st.get('offload_fraction', 1.0):4.2f}  {str(st.get('mlp_chunk')):9s}"
+      f"{st.get('remat')!s:10s} {'+'.join(st.get('offload', ())) or '-':18s}"
+      f" {st.get('offload_fraction', 1.0):4.2f}  {st.get('mlp_chunk')!s:9s}"
       f"  {st.get('attention', ''):9s}  {p.device_bytes / GiB:10.1f}"
       f"  {p.host_bytes / GiB:8.1f}  {p.fits}")
   return "\n".join(rows)
