@@ -200,8 +200,7 @@ def test_policies_save_what_they_say():
   assert saved(remat_policy("attention+gate")) == saved(
     remat_policy("attention")
   ) | {"gate_proj", "gate_up_proj"}
-  # The layer's input is kept anyway (it is what remat recomputes from);
-  # naming it is for offloading it.
+  # The layer input is every policy's residual already (the remat's input).
   assert saved(remat_policy("matmuls")) == set(CHECKPOINT_NAMES) - {
     "down_proj", "decoder_input"
   }

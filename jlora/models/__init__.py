@@ -24,6 +24,7 @@ from jlora.models.decoder import (
   remat_policy,
 )
 from jlora.models.losses import causal_lm_loss, chunked_cross_entropy
+from jlora.models.memory import MemoryPlan, plan_memory
 from jlora.models._moe import load_balancing_loss
 from jlora.models.export import save_pretrained, to_hf_config
 from jlora.models.loading import (
@@ -45,6 +46,7 @@ __all__ = [
   "CheckpointMismatchError",
   "KVCache",
   "LlamaForCausalLM",
+  "MemoryPlan",
   "ModelConfig",
   "RopeConfig",
   "from_config",
@@ -54,6 +56,7 @@ __all__ = [
   "init_cache",
   "load_balancing_loss",
   "load_tokenizer",
+  "plan_memory",
   "sample_logits",
   "save_pretrained",
   "sharding",

@@ -11,6 +11,11 @@ Paths (`impl`):
            soft-capping: a soft-capped model (Gemma 2) raises at setup.
   "auto"   `jax.nn.dot_product_attention`'s own choice; soft-capped models
            take the "xla" path.
+  "chunked" flash attention written in XLA (`_chunked_attention`): causal
+           rows in blocks, memory linear in sequence length, any backend and
+           dtype, windows, soft-capping, padding and packed documents (as
+           segment ids, `chunked`); calls through a KV cache (decoding) take
+           the "xla" path.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-IMPLS = ("xla", "cudnn", "auto")
+from jlora.models._chunked_attention import causal_attention
+
+IMPLS = ("xla", "cudnn", "auto", "chunked")
 # "No window" as a number: larger than any slot distance.
 NO_WINDOW = int(np.iinfo(np.int32).max)
 
@@ -73,7 +80,10 @@ def attend(q, k, v, *, mask, impl, window, scale, softcap):
   scale multiplies q . k; softcap (or None) caps the scaled scores at
   softcap * tanh(s / softcap).
   """
-  if impl == "xla" or softcap is not None:
+  if impl == "chunked" and mask is None:
+    return chunked(q, k, v, window=window_value(window), scale=scale,
+                   softcap=softcap)
+  if impl in ("xla", "chunked") or softcap is not None:
     if mask is None:
       t, s = q.shape[1], k.shape[1]
       mask = slot_mask(
@@ -115,6 +125,15 @@ def attend(q, k, v, *, mask, impl, window, scale, softcap):
   )
 
 
+def chunked(q, k, v, *, window, scale, softcap, segment_ids=None):
+  """The "chunked" path: `causal_attention` with its output named
+  "attention" for remat policies. `window` an int or a traced int32;
+  `segment_ids` (B, T) int or None (0: padding, sees nothing, outputs 0)."""
+  out = causal_attention(q, k, v, scale=scale, window=window, softcap=softcap,
+                         segment_ids=segment_ids)
+  return checkpoint_name(out, "attention")
+
+
 def causal(q, k, v, *, impl, windows, kind, scale, softcap):
   """Plain causal attention (no mask) for a layer whose window is
   `windows[kind]`: `kind` a Python int (unrolled layers) or a traced int32
@@ -128,6 +147,9 @@ def causal(q, k, v, *, impl, windows, kind, scale, softcap):
     window = windows[0 if len(windows) == 1 else int(kind)]
     return attend(q, k, v, mask=None, impl=impl, window=window, scale=scale,
                   softcap=softcap)
+  if impl == "chunked":
+    values = jnp.asarray([window_value(w) for w in windows], jnp.int32)
+    return chunked(q, k, v, window=values[kind], scale=scale, softcap=softcap)
   if impl == "xla" or softcap is not None:
     t, s = q.shape[1], k.shape[1]
     values = jnp.asarray([window_value(w) for w in windows], jnp.int32)

@@ -73,10 +73,10 @@ REMAT_POLICIES = (
 # qkv_proj and gate_up_proj in place of their parts), and the attention output
 # before o_proj ("attention"). With a fused attention kernel (cuDNN)
 # "attention" instead selects the kernel's own residuals, its output and
-# softmax statistics, so that the output is not stored twice.
-# "decoder_input" is the layer's input (the residual stream), which every
-# remat policy keeps: offloading it (remat="full", offload=("decoder_input",))
-# moves the per-layer residuals of a long or 70B step to host memory.
+# softmax statistics, so that the output is not stored twice. "decoder_input"
+# is the layer's input, the residual stream (B, T, hidden), which every remat
+# policy keeps; offloading it leaves the device only each layer's working
+# set (long context).
 CHECKPOINT_NAMES = (
   "decoder_input",
   "q_proj",
@@ -268,12 +268,28 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     init = nn.initializers.ones if self.offset == 0 else nn.initializers.zeros
     scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    y = x32 * lax.rsqrt(var + self.eps)
-    if self.offset:
-      return (y * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
-    return scale.astype(self.dtype) * y.astype(self.dtype)
+    return _rms_norm(x, scale, self.eps, self.offset, self.dtype)
+
+
+def _rms_norm_math(x, scale, eps, offset, dtype):
+  x32 = x.astype(jnp.float32)
+  var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+  y = x32 * checkpoint_name(lax.rsqrt(var + eps), "rms_norm_rstd")
+  if offset:
+    return (y * (offset + scale.astype(jnp.float32))).astype(dtype)
+  return scale.astype(dtype) * y.astype(dtype)
+
+
+# The backward pass of the norm keeps its input x (in the model's dtype) and
+# the per-token 1 / rms (float32, one value per row), and recomputes the
+# float32 products: plain autodiff would keep float32 copies of x and of the
+# normalised x, each twice a bf16 row, for every norm of the sequence.
+_rms_norm = jax.checkpoint(
+  _rms_norm_math,
+  policy=jax.checkpoint_policies.save_only_these_names("rms_norm_rstd"),
+  prevent_cse=False,
+  static_argnums=(2, 3, 4),
+)
 
 
 def _dense(
@@ -360,6 +376,14 @@ class Attention(_Sub):
           q, k, v, impl=self.attention, windows=windows, kind=kind.window,
           scale=c.attention_scale, softcap=c.attn_softcap,
         )
+      elif self.attention == "chunked":
+        # Padding and packed documents as segment ids (0: sees nothing), so
+        # that no (T, T) mask exists either.
+        seg = 1 if ctx.segment_ids is None else ctx.segment_ids
+        seg = jnp.where(ctx.kv_valid, seg, 0)
+        out = _attention.chunked(q, k, v, window=window, segment_ids=seg,
+                                 scale=c.attention_scale,
+                                 softcap=c.attn_softcap)
       else:
         mask = _attention.slot_mask(
           ctx.q_slots, ctx.q_slots, window, ctx.kv_valid, ctx.segment_ids
@@ -430,10 +454,24 @@ def _cached(attend, q, k, v, cache, kind: _LayerKind, ctx: _Context, window):
 
 class MLP(_Sub):
   """Gated MLP: down_proj(act(gate_proj(x)) * up_proj(x)); SwiGLU with silu,
-  GeGLU with gelu. Phi-3 computes gate and up as one gate_up_proj."""
+  GeGLU with gelu. Phi-3 computes gate and up as one gate_up_proj.
+
+  With `chunk`, sequences longer than `chunk` tokens run `chunk` tokens at a
+  time (`_over_token_chunks`): the (tokens, intermediate) activations, LoRA
+  products included, exist for one chunk at a time, in the forward and the
+  backward pass.
+  """
+
+  chunk: int | None = None
+
+  def __call__(self, x):
+    if (self.chunk is not None and x.shape[1] > self.chunk
+        and not self.is_initializing()):
+      return _over_token_chunks(MLP.gated, self, x, self.chunk)
+    return self.gated(x)
 
   @nn.compact
-  def __call__(self, x):
+  def gated(self, x):
     c = self.config
     inner = c.intermediate_size
     if c.fused_gate_up:
@@ -444,6 +482,45 @@ class MLP(_Sub):
       up = self.dense(inner, c.mlp_bias, "up_proj")(x)
     act = _ACTIVATIONS[c.hidden_act]
     return self.dense(c.hidden_size, c.mlp_bias, "down_proj")(act(gate) * up)
+
+
+def _over_token_chunks(fn, module, x, chunk: int):
+  """fn(module, x) for a token-wise fn, `chunk` tokens of x (B, T, H) at a
+  time: a scan over chunks whose body is rematerialised, so the backward
+  pass keeps only each chunk's input (a slice of x) and recomputes the
+  chunk's intermediates there. T need not divide by `chunk` (the last chunk
+  is padded; padded rows are dropped).
+  """
+  b, t, _ = x.shape
+  n = -(-t // chunk)
+  if n * chunk != t:
+    x = jnp.pad(x, ((0, 0), (0, n * chunk - t), (0, 0)))
+  xs = jnp.moveaxis(x.reshape(b, n, chunk, x.shape[-1]), 1, 0)
+  body = nn.remat(
+    lambda mdl, carry, xc: (carry, fn(mdl, xc)),
+    policy=jax.checkpoint_policies.nothing_saveable,
+    prevent_cse=False,
+  )
+  scan = nn.scan(body, variable_broadcast="params",
+                 split_rngs={"params": False}, length=n)
+  _, ys = scan(module, None, xs)
+  ys = jnp.moveaxis(ys, 0, 1).reshape(b, n * chunk, ys.shape[-1])
+  return ys[:, :t]
+
+
+def _name_layer_input(h, on_device: int):
+  """Tags a layer's input "decoder_input" for remat policies and offload.
+
+  With `on_device` > 0 (a partial offload) only the trailing features carry
+  that name; the leading `on_device` ones are tagged "decoder_input_kept",
+  which `_SaveNames` keeps on the device. The layer reads the two parts
+  joined again, so the backward pass needs the parts, not the input.
+  """
+  if not on_device:
+    return checkpoint_name(h, "decoder_input")
+  kept = checkpoint_name(h[..., :on_device], "decoder_input_kept")
+  moved = checkpoint_name(h[..., on_device:], "decoder_input")
+  return jnp.concatenate([kept, moved], axis=-1)
 
 
 class DecoderLayer(_Sub):
@@ -461,14 +538,16 @@ class DecoderLayer(_Sub):
 
   attention: str = "xla"
   kind: _LayerKind | None = None
+  mlp_chunk: int | None = None
+  # Leading features of the layer input kept on the device when the rest is
+  # offloaded (CausalLM.offload_fraction < 1); 0: the input is one value.
+  input_on_device: int = 0
 
   @nn.compact
   def __call__(self, carry, xs, ctx: _Context):
     c = self.config
     h, cache = carry
-    # Every use of the layer's input goes through this name, so a policy that
-    # offloads it leaves no device copy of the residual stream behind.
-    h = checkpoint_name(h, "decoder_input")
+    h = _name_layer_input(h, self.input_on_device)
     kind = self.kind if self.kind is not None else xs
     attn_out, cache = Attention(
       c, self.dtype, self.param_dtype, self.attention, name="self_attn"
@@ -479,7 +558,7 @@ class DecoderLayer(_Sub):
         valid=token_mask(ctx),
       )
     else:
-      mlp = MLP(c, self.dtype, self.param_dtype, name="mlp")
+      mlp = MLP(c, self.dtype, self.param_dtype, self.mlp_chunk, name="mlp")
     if c.sandwich_norms:
       h = h + self.norm("post_attention_layernorm")(attn_out)
       out = mlp(self.norm("pre_feedforward_layernorm")(h))
@@ -526,7 +605,7 @@ class _SaveNames:
   offload: frozenset = frozenset()
 
   def _decide(self, name: str):
-    if name in self.save:
+    if name in self.save or name == "decoder_input_kept":
       return True
     if name in self.offload:
       return jax.ad_checkpoint.Offloadable(src="device", dst="pinned_host")
@@ -589,6 +668,61 @@ def _check_remat(remat, offload) -> None:
         f"{both} are both saved (remat={remat!r}) and offloaded; name each "
         "value in one of the two"
       )
+
+
+_MLP_NAMES = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
+
+
+def _check_long_context(opts) -> None:
+  """Checks `mlp_chunk` and `offload_fraction` against the remat setting."""
+  chunk = opts.mlp_chunk
+  if chunk is not None:
+    if not isinstance(chunk, (int, np.integer)) or chunk < 1:
+      raise ValueError(
+        f"mlp_chunk={chunk!r}; use a positive number of tokens (e.g. 8192) "
+        "or None for the whole sequence at once"
+      )
+    if opts.remat == "dots":
+      saved = ("every matmul output",)
+    else:
+      names = (_PRESET_SAVES.get(opts.remat, ()) if isinstance(opts.remat, str)
+               else tuple(opts.remat))
+      saved = tuple(n for n in (*names, *opts.offload) if n in _MLP_NAMES)
+    if saved:
+      raise ValueError(
+        f"mlp_chunk={chunk} recomputes the MLP chunk by chunk in the backward "
+        f"pass, but remat={opts.remat!r} / offload={tuple(opts.offload)!r} "
+        f"keeps {list(saved)} for the whole sequence; use remat='full', "
+        "'attention' or names without MLP projections with mlp_chunk"
+      )
+  fraction = opts.offload_fraction
+  if not 0 < fraction <= 1:
+    raise ValueError(
+      f"offload_fraction={fraction!r}; use a share in (0, 1] of the layer "
+      "input's features to keep in host memory"
+    )
+  if fraction < 1 and "decoder_input" not in opts.offload:
+    raise ValueError(
+      f"offload_fraction={fraction} applies to the offloaded layer input, "
+      f"but offload={tuple(opts.offload)!r} does not name 'decoder_input'; add "
+      "it (offload=('decoder_input',)) or leave offload_fraction at 1.0"
+    )
+
+
+def _input_on_device(opts) -> int:
+  """Leading layer-input features kept on the device when only
+  `offload_fraction` of the input goes to host memory (0: no split).
+
+  The host share is rounded to whole 128-feature tiles on hidden sizes that
+  have them, so both parts keep the GPU's preferred layout.
+  """
+  hidden = opts.config.hidden_size
+  if "decoder_input" not in opts.offload or opts.offload_fraction >= 1:
+    return 0
+  unit = 128 if hidden % 128 == 0 and hidden >= 1024 else 1
+  moved = int(round(hidden * opts.offload_fraction / unit)) * unit
+  moved = min(max(moved, unit), hidden)
+  return hidden - moved
 
 
 def _layer_cls(remat, offload, scan_layers: bool):
@@ -661,6 +795,8 @@ class _Options(nn.Module):
   remat: str | tuple[str, ...] = "none"
   attention: str = "xla"
   offload: tuple[str, ...] = ()
+  mlp_chunk: int | None = None
+  offload_fraction: float = 1.0
 
   def options(self) -> dict:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(_Options)
@@ -681,6 +817,8 @@ class Decoder(_Options):
     )
     layer_cls = _layer_cls(self.remat, self.offload, self.scan_layers)
     args = (c, self.dtype, self.param_dtype, self.attention)
+    kwargs = dict(mlp_chunk=self.mlp_chunk,
+                  input_on_device=_input_on_device(self))
     if self.scan_layers:
       self.layers = nn.scan(
         layer_cls,
@@ -689,9 +827,10 @@ class Decoder(_Options):
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast),
         length=c.num_layers,
-      )(*args)
+      )(*args, **kwargs)
     else:
-      self.layers = _LayerStack(functools.partial(layer_cls, *args), c)
+      self.layers = _LayerStack(functools.partial(layer_cls, *args, **kwargs),
+                                c)
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype,
                         c.norm_offset)
 
@@ -746,9 +885,11 @@ class Decoder(_Options):
       cos_sin(r, c.head_dim, c.max_position_embeddings, positions)
       for r in _ropes(c)
     ]
+    # cos and sin in the activations' dtype: `apply_rope` rounds them to it
+    # anyway, and every layer's backward pass keeps them.
     ctx = _Context(
-      jnp.stack([a[0] for a in angles]),
-      jnp.stack([a[1] for a in angles]),
+      jnp.stack([a[0] for a in angles]).astype(self.dtype),
+      jnp.stack([a[1] for a in angles]).astype(self.dtype),
       q_slots,
       kv_valid,
       segment_ids,
@@ -829,11 +970,27 @@ class CausalLM(_Options):
       bias instead of skipping masked blocks. (cuDNN's own packed layout,
       q/kv offsets, is not public API in jax 0.10/0.11.) cuDNN has no
       attention soft-capping: Gemma 2 (attn_softcap) raises with "cudnn" and
-      takes the XLA path with "auto".
+      takes the XLA path with "auto". "chunked": flash attention written in
+      XLA (`jlora.models._chunked_attention`), blocks of queries against
+      blocks of keys with an online softmax and a recomputing backward pass:
+      memory linear in sequence length on any backend and dtype, with
+      windows, soft-capping, padding and packed documents (no (T, T) mask
+      either); decoding through a KV cache takes the "xla" path.
     offload: names from `CHECKPOINT_NAMES` to keep in pinned host memory
       instead of recomputing them (needs a named `remat`, not "none"/"dots";
       pays only where host transfers hide behind compute, which they did not
       at the 8B shape on an H100: 41% slower than keeping them on the GPU).
+      offload=("decoder_input",) with remat="full" moves the residual
+      stream, the one value a full-remat step keeps per token and layer, to
+      the host: the long-context setting (`plan_memory` estimates it).
+    mlp_chunk: run the MLP (its LoRA products included) `mlp_chunk` tokens
+      at a time, forward and backward, so its (T, intermediate) activations
+      exist for one chunk only; None: the whole sequence at once. Needs a
+      remat that keeps no MLP projection ("full", "attention", or names).
+    offload_fraction: with offload=("decoder_input", ...), the share of the
+      layer input's features that goes to host memory (rounded to 128
+      features); the rest stays on the device, for when the host link cannot
+      hide the whole copy. 1.0: all of it.
 
   Call arguments (`model.apply({"params": p}, input_ids, ...)`):
     input_ids: (B, T) int tokens.
@@ -870,6 +1027,7 @@ class CausalLM(_Options):
 
   def setup(self):
     _check_remat(self.remat, self.offload)
+    _check_long_context(self)
     c = self.config
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(
