@@ -172,7 +172,6 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
 
 def run_peft(name: str, s: dict, rank: int, alpha: float, steps: int,
              warmup: int) -> dict:
-  import statistics
 
   import torch
   from peft import LoraConfig, get_peft_model
@@ -197,32 +196,10 @@ def run_peft(name: str, s: dict, rank: int, alpha: float, steps: int,
   ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1), device=device)
   inputs, labels = ids[:, :-1], ids[:, 1:]
 
-  def loss_fn(inputs, labels):
-    logits = model(input_ids=inputs).logits  # soft-capped by the model
-    return torch.nn.functional.cross_entropy(
-      logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-  if name.startswith("peft_compile"):
-    loss_fn = torch.compile(loss_fn)
-
-  def sync():
-    if device == "cuda":
-      torch.cuda.synchronize()
-
-  losses, times = [], []
-  for i in range(warmup + steps):
-    sync()
-    t0 = time.perf_counter()
-    loss = loss_fn(inputs, labels)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    losses.append(float(loss))
-    sync()
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
-  peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-  step_s = statistics.median(times)
+  # Gemma 2's logits come soft-capped from the model itself.
+  losses, step_s, peak = ts.torch_steps(
+    model, opt, inputs, labels, device, warmup, steps,
+    compile_=name.startswith("peft_compile"))
   return dict(system=name, options={}, step_s=step_s,
               tokens_per_s=s["batch"] * s["seq"] / step_s, peak_gib=peak,
               loss_first=losses[0], loss_last=losses[-1],

@@ -235,6 +235,47 @@ def matmul_tflops() -> float:
 
 # -- PyTorch / PEFT --------------------------------------------------------------
 
+def torch_steps(model, opt, inputs, labels, device: str, warmup: int,
+                steps: int, compile_: bool = False):
+  """Times a PyTorch causal-LM train step: (losses, median step s, peak GiB).
+
+  The loss is float32 cross-entropy of `model(input_ids=inputs).logits`
+  against `labels`, optionally under `torch.compile`; `warmup` untimed steps
+  come first.
+  """
+  import statistics
+  import time
+
+  import torch
+
+  def loss_fn(inputs, labels):
+    logits = model(input_ids=inputs).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+  if compile_:
+    loss_fn = torch.compile(loss_fn)
+
+  def sync():
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  losses, times = [], []
+  for i in range(warmup + steps):
+    sync()
+    t0 = time.perf_counter()
+    loss = loss_fn(inputs, labels)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    losses.append(float(loss))
+    sync()
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+  return losses, statistics.median(times), peak
+
+
 def run_peft(system: str, s: dict, rank: int, alpha: float, steps: int,
              warmup: int, remat: bool) -> Result:
   import torch
@@ -259,32 +300,9 @@ def run_peft(system: str, s: dict, rank: int, alpha: float, steps: int,
   ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1), device=device)
   inputs, labels = ids[:, :-1], ids[:, 1:]
 
-  def loss_fn(inputs, labels):
-    logits = model(input_ids=inputs).logits
-    return torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-  if system == "peft_compile":
-    loss_fn = torch.compile(loss_fn)
-
-  def sync():
-    if device == "cuda":
-      torch.cuda.synchronize()
-
-  losses, times = [], []
-  for i in range(warmup + steps):
-    sync()
-    t0 = time.perf_counter()
-    loss = loss_fn(inputs, labels)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    losses.append(float(loss))
-    sync()
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
-  peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-  step_s = statistics.median(times)
+  losses, step_s, peak = torch_steps(model, opt, inputs, labels, device,
+                                     warmup, steps,
+                                     compile_=system == "peft_compile")
   return Result(system, step_s, s["batch"] * s["seq"] / step_s, peak,
                 losses[0], losses[-1], sum(p.numel() for p in trainable),
                 "remat" if remat else "")

@@ -31,8 +31,8 @@ them into transformers' auxiliary loss (Switch Transformer's, as
 `load_balancing_loss_func` computes it).
 
 On GPUs `ragged_dot`'s default XLA lowering expands each group to dense
-(E times the FLOPs and memory); see README ("Mixture-of-Experts models") for
-the lowerings that run it as a grouped GEMM.
+(E times the FLOPs and memory); the fine-tuning guide's "Mixture-of-Experts
+models" section names the lowerings that run it as a grouped GEMM.
 """
 
 from __future__ import annotations
