@@ -106,6 +106,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
   assert whole["examples"]["tokens_cut"] == 0
 
 
+@pytest.mark.fast_tier  # the command's one test in the fast tier
 def test_bad_data_ends_the_command_naming_file_and_line(tmp_path,
                                                         monkeypatch):
   bad = tmp_path / "chat.jsonl"

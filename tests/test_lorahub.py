@@ -64,6 +64,7 @@ def test_search_recovers_the_linear_combination(toy):
                                 np.asarray(again["dense"]["kernel"].delta()))
 
 
+@pytest.mark.fast_tier  # the module's one test in the fast tier
 def test_search_is_deterministic_given_the_key(toy):
   s, batch = toy
   run = lambda k: search(s, ["a", "b"], batch, loss_fn, steps=15,

@@ -90,6 +90,7 @@ def test_llama3_rope_and_dtype_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.fast_tier  # the module's one test in the fast tier
 def test_sharded_export_reads_back_exactly(tmp_path):
   cfg = config("llama")
   model, lp = adapted(cfg, scan=True)
