@@ -85,12 +85,14 @@ def main():
       bool(jnp.array_equal(a, b)) for a, b in zip(
           jax.tree.leaves(jlora.partition(restored)[0]),
           jax.tree.leaves(trainable)))
-  # Another process count reduces in another order: equal up to rounding.
+  # Another process count reduces in another order: equal up to rounding,
+  # which Adam's m / sqrt(v) amplifies where a gradient is near zero (up to
+  # ~1e-6 here). A wrong restore is off by the size of an update, ~1e-2.
   def equal(x, y):
     xs, ys = jax.tree.leaves(x), jax.tree.leaves(y)
     return len(xs) == len(ys) and all(
-        float(jnp.max(jnp.abs(a - b) - 1e-5 * jnp.abs(b), initial=0.0))
-        <= 1e-7 for a, b in zip(xs, ys))
+        float(jnp.max(jnp.abs(a - b) - 1e-4 * jnp.abs(b), initial=0.0))
+        <= 1e-5 for a, b in zip(xs, ys))
 
   other_equal = None
   if other is not None:
