@@ -1,13 +1,14 @@
 """Long context: the longest trainable sequence of 8B LoRA on one GPU.
 
 For the Llama-3-8B shape at batch 1, LoRA r=16 on the seven projections,
-bf16 and NF4 (double-quantized, layer by layer) bases, each setting below
-finds the longest sequence whose training step fits (doubling from --start,
-compile-only probes: XLA's memory analysis of the step against the device's
-memory and the host's, nothing allocated), then times tokens/s at --at (128k)
-and at that maximum. Each row (base x setting) runs in its own subprocess, so
-its peak memory is its own; the planner's estimate (`plan_memory`) is printed
-beside XLA's footprint of every probe.
+bf16, NF4 (double-quantized, layer by layer) and FP8 (e4m3, per output
+channel) bases, each setting below finds the longest sequence whose training
+step fits (doubling from --start, compile-only probes: XLA's memory analysis
+of the step against the device's memory and the host's, nothing allocated),
+then times tokens/s at --at (128k) and at that maximum. Each row (base x
+setting) runs in its own subprocess, so its peak memory is its own; the
+planner's estimate (`plan_memory`) is printed beside XLA's footprint of every
+probe.
 
   python benchmarks/long_context.py --tiny      # CPU smoke run, MiB not GiB
   python benchmarks/long_context.py --rows bf16:full,bf16:offload --json a.json
@@ -60,9 +61,9 @@ SETTINGS = {
   "host_chunked": dict(offload=HOST, mlp_chunk=8192, attention="chunked"),
   "half_host_tiled": dict(offload=HOST, offload_fraction=0.5, mlp_chunk=8192),
 }
-BASES = ("bf16", "nf4")
+BASES = ("bf16", "nf4", "fp8")
 # --tiny's rows: CPU stand-ins (XLA attention in place of cuDNN).
-TINY_ROWS = "bf16:full,bf16:host_chunked,nf4:host_chunked"
+TINY_ROWS = "bf16:full,bf16:host_chunked,nf4:host_chunked,fp8:host_chunked"
 
 
 @dataclasses.dataclass
@@ -183,7 +184,7 @@ def probe(base, name, args: Args, limit, log) -> tuple[int | None, list]:
   """Doubles the length from args.start while XLA says the step fits."""
   import jax
   on_gpu = jax.default_backend() == "gpu"
-  quantize = "nf4" if base == "nf4" else None
+  quantize = None if base == "bf16" else base
   host = host_available()
   best, probes, seq = None, [], args.start
   while seq <= args.max_seq:
@@ -223,7 +224,7 @@ def timed(base, name, seq, args: Args, log) -> dict:
   step = Step(cfg, fields, min(args.ce, seq))
   _, params = models.from_config(
     cfg, jax.random.key(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-    scan_layers=True, quantize="nf4" if base == "nf4" else None)
+    scan_layers=True, quantize=None if base == "bf16" else base)
   t, o, f = step.adapt(params, jax.random.key(1))
   del params
   ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, seq + 1),

@@ -208,3 +208,28 @@ def test_bad_long_context_options_raise(kw, match):
   x, _ = data()
   with pytest.raises(ValueError, match=match):
     CausalLM(CFG, **kw).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp8"])
+def test_long_context_options_compose_with_quantized_bases(method):
+  """Every long-context option at once, on an NF4 and an FP8 frozen base."""
+  x, y = data()
+  plain = CausalLM(CFG, scan_layers=True)
+  params = jlora.quantize(plain.init(jax.random.key(0), x)["params"], method)
+  quantized = [leaf for leaf in jax.tree.leaves(
+    params, is_leaf=jlora.quant.is_quantized) if jlora.quant.is_quantized(leaf)]
+  assert len(quantized) == 7  # every projection, stacked over the layers
+  lp = jlora.apply(params, rank=4, alpha=8, key=jax.random.key(1),
+                   targets=TARGETS)
+  t, f = jlora.partition(randomize_b(lp, jax.random.key(2), std=0.2))
+  fast = dataclasses.replace(
+    plain, attention="chunked", mlp_chunk=4, remat="full",
+    offload=("decoder_input",), offload_fraction=0.5)
+  got, want = loss_and_grads(fast, t, f, x, y), loss_and_grads(plain, t, f, x, y)
+  assert_same(got, want, 2e-5)
+  # The base really is quantized: its loss differs from the float base's.
+  dense = jlora.partition(jlora.apply(
+    plain.init(jax.random.key(0), x)["params"], rank=4, alpha=8,
+    key=jax.random.key(1), targets=TARGETS))[1]
+  assert abs(float(loss_and_grads(plain, t, dense, x, y)[0])
+             - float(want[0])) > 1e-4
