@@ -30,7 +30,6 @@ up, down; random bf16 weights. Peak memory: the allocator's peak
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -100,7 +99,7 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   import optax
 
   import jlora
-  from jlora.models import CausalLM, ModelConfig, causal_lm_loss
+  from jlora.models import CausalLM, ModelConfig
 
   opts = train_speed.parse_system(name)
   cfg = ModelConfig.from_hf(hf_config(s))
@@ -121,42 +120,16 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
     trainable, frozen = jlora.partition(lp)
     return trainable, frozen, tx.init(trainable)
 
-  forward = jlora.wrap(model.apply, share_inputs=bool(opts.get("share", 1)))
-  chunk = opts["ce"]
-
-  def loss_fn(t, frozen):
-    p = jlora.combine(t, frozen)
-    if chunk:
-      h = forward({"params": p}, inputs, return_hidden=True)
-      return causal_lm_loss(cfg, p, h, labels, chunk_size=chunk)
-    logp = jax.nn.log_softmax(forward({"params": p}, inputs))
-    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], -1))
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(t, opt_state, frozen):
-    loss, g = jax.value_and_grad(loss_fn)(t, frozen)
-    u, opt_state = tx.update(g, opt_state, t)
-    return optax.apply_updates(t, u), opt_state, loss
+  step = train_speed.lora_step(model, tx, opts)
 
   t0 = time.perf_counter()
   shapes = jax.eval_shape(make, key)
-  compiled = step.lower(shapes[0], shapes[2], shapes[1]).compile()
+  compiled = step.lower(shapes[0], shapes[2], shapes[1], inputs,
+                        labels).compile()
   compile_s = time.perf_counter() - t0
   trainable, frozen, opt_state = jax.jit(make)(key)
-  losses = []
-  for _ in range(warmup):
-    trainable, opt_state, loss = compiled(trainable, opt_state, frozen)
-    losses.append(float(loss))
-  rounds = []
-  for _ in range(2):
-    t0 = time.perf_counter()
-    out = []
-    for _ in range(steps):
-      trainable, opt_state, loss = compiled(trainable, opt_state, frozen)
-      out.append(loss)
-    jax.block_until_ready((trainable, opt_state, out))
-    rounds.append((time.perf_counter() - t0) / steps)
-    losses += [float(x) for x in out]
+  (trainable, opt_state), losses, rounds = train_speed.time_steps(
+    compiled, (trainable, opt_state), (frozen, inputs, labels), steps, warmup)
   stats = jax.devices()[0].memory_stats() or {}
   step_s = min(rounds)
   return dict(

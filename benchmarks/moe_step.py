@@ -204,7 +204,7 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   import optax
 
   import jlora
-  from jlora.models import CausalLM, ModelConfig, causal_lm_loss
+  from jlora.models import CausalLM, ModelConfig
 
   on_gpu = jax.default_backend() == "gpu"
   if lowering == "triton":
@@ -231,43 +231,17 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   jax.block_until_ready((trainable, frozen, opt_state))
   init_s = time.perf_counter() - t0
 
-  forward = jlora.wrap(model.apply, share_inputs=bool(opts.get("share", 1)))
-  chunk = opts["ce"]
-
-  def loss_fn(t, frozen):
-    p = jlora.combine(t, frozen)
-    if chunk:
-      h = forward({"params": p}, inputs, return_hidden=True)
-      return causal_lm_loss(cfg, p, h, labels, chunk_size=chunk)
-    logp = jax.nn.log_softmax(forward({"params": p}, inputs))
-    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], -1))
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(t, opt_state, frozen):
-    loss, g = jax.value_and_grad(loss_fn)(t, frozen)
-    u, opt_state = tx.update(g, opt_state, t)
-    return optax.apply_updates(t, u), opt_state, loss
+  step = train_speed.lora_step(model, tx, opts)
 
   t0 = time.perf_counter()
-  compiled = step.lower(trainable, opt_state, frozen).compile()
+  compiled = step.lower(trainable, opt_state, frozen, inputs,
+                        labels).compile()
   compile_s = time.perf_counter() - t0
   hlo = hlo_kernels(compiled.as_text())
   mem = compiled.memory_analysis()
   temp = None if mem is None else mem.temp_size_in_bytes / 2**30
-  losses = []
-  for _ in range(warmup):
-    trainable, opt_state, loss = compiled(trainable, opt_state, frozen)
-    losses.append(float(loss))
-  rounds = []
-  for _ in range(2):
-    t0 = time.perf_counter()
-    out = []
-    for _ in range(steps):
-      trainable, opt_state, loss = compiled(trainable, opt_state, frozen)
-      out.append(loss)
-    jax.block_until_ready((trainable, opt_state, out))
-    rounds.append((time.perf_counter() - t0) / steps)
-    losses += [float(x) for x in out]
+  (trainable, opt_state), losses, rounds = train_speed.time_steps(
+    compiled, (trainable, opt_state), (frozen, inputs, labels), steps, warmup)
   stats = jax.devices()[0].memory_stats() or {}
   step_s = min(rounds)
   return dict(

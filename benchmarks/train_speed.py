@@ -143,7 +143,6 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
 
   import jlora
   from jlora.models import LlamaForCausalLM, ModelConfig
-  from jlora.models.losses import chunked_cross_entropy
 
   opts = parse_system(name)
   on_gpu = jax.default_backend() == "gpu"
@@ -180,6 +179,62 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   def make(key):
     return adapt(init(key), key)
 
+  step = lora_step(model, tx, opts)
+
+  t0 = time.perf_counter()
+  t_shape, frozen_shape, opt_shape = jax.eval_shape(make, key)
+  compiled = step.lower(t_shape, opt_shape, frozen_shape, inputs,
+                        labels).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  footprint = temp = None
+  if mem is not None:
+    footprint = (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
+                 mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**30
+    temp = mem.temp_size_in_bytes / 2**30
+
+  if scaling is None:
+    trainable, frozen, opt_state = jax.jit(make)(key)
+  else:
+    params = fp8_params(jax.eval_shape(init, key), key, scaling)
+    trainable, frozen, opt_state = jax.jit(adapt, donate_argnums=0)(params,
+                                                                    key)
+    del params
+  (trainable, opt_state), losses, rounds = time_steps(
+    compiled, (trainable, opt_state), (frozen, inputs, labels), steps, warmup)
+  stats = jax.devices()[0].memory_stats() or {}
+  step_s = min(rounds)
+  n_train = sum(x.size for x in jax.tree.leaves(trainable))
+  result = dict(
+    system=name, options=opts, step_s=step_s, rounds_s=rounds,
+    tokens_per_s=s["batch"] * s["seq"] / step_s,
+    peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+    footprint_gib=footprint, temp_gib=temp, compile_s=compile_s,
+    loss_first=losses[0], loss_last=losses[-1], trainable=int(n_train))
+  if matmul:
+    result["matmul_tflops"] = max(ts.matmul_tflops() for _ in range(2))
+  if scaling is not None:
+    result.update(fp8_matmul_tflops())
+  return result
+
+
+
+def lora_step(model, tx, opts: dict):
+  """The jitted LoRA step of a `jlora.models` model, as a system's options say.
+
+  `step(trainable, opt_state, frozen, inputs, labels) -> (trainable,
+  opt_state, loss)`, donating the first two: `jlora.wrap` (sharing A
+  products unless share=0), the model's own chunked cross-entropy over
+  opts["ce"]-token chunks (full logits when 0), and opts["mb"] micro-batches
+  accumulated inside the step.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import jlora
+  from jlora.models import causal_lm_loss
+
   forward = jlora.wrap(model.apply, share_inputs=bool(opts.get("share", 1)))
   chunk = opts["ce"]
 
@@ -187,10 +242,8 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
     p = jlora.combine(t, frozen)
     if chunk:
       h = forward({"params": p}, inputs, return_hidden=True)
-      return chunked_cross_entropy(h, p["lm_head"]["kernel"], labels,
-                                   chunk_size=chunk)
-    logits = forward({"params": p}, inputs)
-    logp = jax.nn.log_softmax(logits)
+      return causal_lm_loss(model.config, p, h, labels, chunk_size=chunk)
+    logp = jax.nn.log_softmax(forward({"params": p}, inputs))
     return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], -1))
 
   micro = opts.get("mb", 1)
@@ -218,55 +271,32 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
     u, opt_state = tx.update(g, opt_state, t)
     return optax.apply_updates(t, u), opt_state, loss
 
-  t0 = time.perf_counter()
-  t_shape, frozen_shape, opt_shape = jax.eval_shape(make, key)
-  compiled = step.lower(t_shape, opt_shape, frozen_shape, inputs,
-                        labels).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  footprint = temp = None
-  if mem is not None:
-    footprint = (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
-                 mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**30
-    temp = mem.temp_size_in_bytes / 2**30
+  return step
 
-  if scaling is None:
-    trainable, frozen, opt_state = jax.jit(make)(key)
-  else:
-    params = fp8_params(jax.eval_shape(init, key), key, scaling)
-    trainable, frozen, opt_state = jax.jit(adapt, donate_argnums=0)(params,
-                                                                    key)
-    del params
+
+def time_steps(compiled, state: tuple, args: tuple, steps: int, warmup: int):
+  """Runs `warmup` steps, then two timed rounds of `steps`.
+
+  `compiled(*state, *args)` returns `(*state, loss)`. Returns the final
+  state, every loss, and each round's seconds per step (take the min).
+  """
+  import jax
+
   losses = []
   for _ in range(warmup):
-    trainable, opt_state, loss = compiled(trainable, opt_state, frozen,
-                                          inputs, labels)
+    *state, loss = compiled(*state, *args)
     losses.append(float(loss))
   rounds = []
   for _ in range(2):
     t0 = time.perf_counter()
     out = []
     for _ in range(steps):
-      trainable, opt_state, loss = compiled(trainable, opt_state, frozen,
-                                            inputs, labels)
+      *state, loss = compiled(*state, *args)
       out.append(loss)
-    jax.block_until_ready((trainable, opt_state, out))
+    jax.block_until_ready((state, out))
     rounds.append((time.perf_counter() - t0) / steps)
     losses += [float(x) for x in out]
-  stats = jax.devices()[0].memory_stats() or {}
-  step_s = min(rounds)
-  n_train = sum(x.size for x in jax.tree.leaves(trainable))
-  result = dict(
-    system=name, options=opts, step_s=step_s, rounds_s=rounds,
-    tokens_per_s=s["batch"] * s["seq"] / step_s,
-    peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
-    footprint_gib=footprint, temp_gib=temp, compile_s=compile_s,
-    loss_first=losses[0], loss_last=losses[-1], trainable=int(n_train))
-  if matmul:
-    result["matmul_tflops"] = max(ts.matmul_tflops() for _ in range(2))
-  if scaling is not None:
-    result.update(fp8_matmul_tflops())
-  return result
+  return tuple(state), losses, rounds
 
 
 def fp8_params(shapes, key, scaling: str):
