@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -60,6 +59,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora._shapes import reshape_groups
+from jlora._stored_kernel import StoredKernel
 
 Array = Any
 
@@ -104,7 +104,7 @@ def quantize(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Fp8Array:
+class Fp8Array(StoredKernel):
   """A frozen kernel in float8 e4m3 with power-of-two scales (an FP8 base).
 
   A pytree of two arrays (so `jit`, sharding, `lax.scan` and Orbax see plain
@@ -138,20 +138,13 @@ class Fp8Array:
                                    default="auto")
 
   method = "fp8"
+  _leaf = "values"
 
   # -- array-like metadata --------------------------------------------------
 
   @property
   def shape(self) -> tuple[int, ...]:
     return tuple(self.values.shape)
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def size(self) -> int:
-    return math.prod(self.shape)
 
   @property
   def nbytes(self) -> int:
@@ -188,40 +181,17 @@ class Fp8Array:
 
   # -- values ---------------------------------------------------------------
 
-  def dequantize(self, dtype=None) -> Array:
-    """The kernel, ``values * scale`` (exact in float32), in ``dtype``."""
-    dtype = jnp.dtype(dtype or self.dtype)
-    if isinstance(self.values, jax.core.Tracer):
-      return self._dequantize(dtype)
-    return _dequantize_jit(self, dtype)  # one compiled program when eager
-
   def _dequantize(self, dtype) -> Array:
     return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
 
-  def __jax_array__(self):
-    # Lets jnp functions (and so an unwrapped model) take it as its values.
-    return self.dequantize()
-
   # -- layout ops that keep the FP8 form --------------------------------------
 
-  def astype(self, dtype) -> "Fp8Array | Array":
-    """Same values with another compute dtype (floating dtypes only)."""
-    if jnp.issubdtype(dtype, jnp.floating):
-      return dataclasses.replace(self, dtype=jnp.dtype(dtype))
-    return self.dequantize().astype(dtype)
-
   def transpose(self, *perm) -> "Fp8Array":
-    if len(perm) == 1 and isinstance(perm[0], (tuple, list)):
-      perm = tuple(perm[0])
-    perm = tuple(int(p) for p in perm) or tuple(reversed(range(self.ndim)))
+    perm = self._perm(perm)
     if perm == tuple(range(self.ndim)):
       return self
     return dataclasses.replace(self, values=jnp.transpose(self.values, perm),
                                scale=jnp.transpose(self.scale, perm))
-
-  @property
-  def T(self) -> "Fp8Array":
-    return self.transpose()
 
   def reshape(self, *shape) -> "Fp8Array | Array":
     """FP8 unless an axis group mixes per-index and shared scales.
@@ -232,12 +202,7 @@ class Fp8Array:
     input axis with an output axis of a per-channel kernel would need a
     scale per element: that reshape gives the dequantized array.
     """
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-      shape = tuple(shape[0])
-    shape = tuple(int(s) for s in shape)
-    if -1 in shape:
-      known = math.prod(s for s in shape if s != -1)
-      shape = tuple(self.size // known if s == -1 else s for s in shape)
+    shape = self._new_shape(shape)
     if shape == self.shape:
       return self
     groups = reshape_groups(self.shape, shape)
@@ -252,9 +217,6 @@ class Fp8Array:
       scale_shape += [shape[j] if per_index else 1 for j in new]
     return dataclasses.replace(self, values=self.values.reshape(shape),
                                scale=self.scale.reshape(scale_shape))
-
-
-_dequantize_jit = jax.jit(Fp8Array._dequantize, static_argnums=1)
 
 
 def is_fp8(x: Any) -> bool:

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._fp8 import Fp8Array
+from jlora._stored_kernel import StoredKernel, floating_dtype
 
 Array = Any
 
@@ -153,20 +154,6 @@ def _check_args(method: str, block_size: int) -> int:
   return int(block_size)
 
 
-def _floating(dtype: Any, what: str) -> np.dtype:
-  """``dtype`` as a NumPy dtype, or a ValueError if it is not floating."""
-  try:
-    dtype = jnp.dtype(dtype)
-  except TypeError as e:
-    raise ValueError(f"{what} must be a floating dtype, got {dtype!r}") from e
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(
-        f"{what} must be a floating dtype (bfloat16, float16, float32),"
-        f" got {dtype.name}: a kernel dequantizes to real values, which an"
-        " integer or bool dtype would truncate")
-  return dtype
-
-
 def _blocks(x: Array, stacked: int, block_size: int) -> Array:
   """(*stacked, *G, block) float32 view of x's slices, zero-padded if flat."""
   lead, slice_shape = x.shape[:stacked], tuple(x.shape[stacked:])
@@ -237,7 +224,7 @@ def _iota(shape: tuple[int, ...]) -> Array:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QuantizedArray:
+class QuantizedArray(StoredKernel):
   """A frozen kernel in 4-bit NF4/FP4 or 8-bit blockwise form (QLoRA's base).
 
   A pytree whose leaves are plain arrays (so `jit`, sharding, `lax.scan` and
@@ -267,6 +254,8 @@ class QuantizedArray:
   dtype: Any = dataclasses.field(metadata=dict(static=True),
                                  default=jnp.dtype(jnp.bfloat16))
 
+  _leaf = "codes"
+
   # -- array-like metadata --------------------------------------------------
 
   @property
@@ -285,14 +274,6 @@ class QuantizedArray:
   @property
   def shape(self) -> tuple[int, ...]:
     return tuple(self.absmax.shape[:self.stacked]) + tuple(self.slice_shape)
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def size(self) -> int:
-    return math.prod(self.shape)
 
   @property
   def nbytes(self) -> int:
@@ -347,18 +328,6 @@ class QuantizedArray:
     offset = self.offset.reshape(self.offset.shape + (1,) * len(g_shape))
     return code * absmax2 + offset
 
-  def dequantize(self, dtype=None) -> Array:
-    """The kernel, ``code_value * absmax`` per block, in ``dtype``.
-
-    Computed in float32 and cast once (default: the compute dtype; a
-    floating dtype, as integer values would truncate the kernel).
-    """
-    dtype = _floating(self.dtype if dtype is None else dtype,
-                      "dequantize's dtype")
-    if isinstance(self.codes, jax.core.Tracer):
-      return self._dequantize(dtype)
-    return _dequantize_jit(self, dtype)  # one compiled program when eager
-
   def _dequantize(self, dtype) -> Array:
     lead = tuple(self.absmax.shape[:self.stacked])
     structured, _, npad, g_shape = _layout(self.slice_shape, self.block_size)
@@ -380,30 +349,13 @@ class QuantizedArray:
                                                            *self.slice_shape)
     return out.astype(dtype)
 
-  def __jax_array__(self):
-    # Lets jnp functions (and so an unwrapped model) take it as its values.
-    return self.dequantize()
-
-  # -- layout-only ops that keep the quantized form ---------------------------
-
-  def astype(self, dtype) -> "QuantizedArray | Array":
-    """Same codes with another compute dtype (floating dtypes only)."""
-    if jnp.issubdtype(dtype, jnp.floating):
-      return dataclasses.replace(self, dtype=jnp.dtype(dtype))
-    return self.dequantize().astype(dtype)
-
   def reshape(self, *shape) -> "QuantizedArray | Array":
     """Quantized while the stacked axes stay; else the dequantized reshape.
 
     Blocks follow the row-major order of each slice, which any reshape of the
     slice preserves, so only the stored arrays' views change.
     """
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-      shape = tuple(shape[0])
-    shape = tuple(int(s) for s in shape)
-    if -1 in shape:
-      known = math.prod(s for s in shape if s != -1)
-      shape = tuple(self.size // known if s == -1 else s for s in shape)
+    shape = self._new_shape(shape)
     k = self.stacked
     lead = self.shape[:k]
     if shape == self.shape:
@@ -423,15 +375,12 @@ class QuantizedArray:
 
   def transpose(self, *perm) -> "QuantizedArray | Array":
     """Itself for the identity permutation, else the dequantized transpose."""
-    if len(perm) == 1 and isinstance(perm[0], (tuple, list)):
-      perm = tuple(perm[0])
-    perm = tuple(int(p) for p in perm) or tuple(reversed(range(self.ndim)))
+    perm = self._perm(perm)
     if perm == tuple(range(self.ndim)):
       return self
     return jnp.transpose(self.dequantize(), perm)
 
 
-_dequantize_jit = jax.jit(QuantizedArray._dequantize, static_argnums=1)
 _block_scales_jit = jax.jit(QuantizedArray._block_scales)
 
 
@@ -490,7 +439,7 @@ def quantize_array(x: Array, method: str = "nf4", *, block_size: int = 64,
   slice_shape = shape[stacked:]
   static = dict(method=method, block_size=block_size,
                 slice_shape=slice_shape,
-                dtype=_floating(dtype, "the compute dtype"))
+                dtype=floating_dtype(dtype, "the compute dtype"))
 
   impl = functools.partial(_quantize_impl, method, block_size, double_quant,
                            stacked, tuple(static.items()))

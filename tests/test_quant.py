@@ -875,8 +875,11 @@ def test_already_quantized_is_never_quantized_twice():
                            stacked=1).codes)
 
 
-def test_dequantize_dtypes():
-  q = quant.quantize_array(_gaussian((4, 128)), "nf4")
+@pytest.mark.parametrize("method", ["nf4", "fp8"])
+def test_dequantize_dtypes(method):
+  q = quant.quantize({"k": {"kernel": _gaussian((4, 128))}}, method)
+  q = q["k"]["kernel"]
+  assert quant.is_quantized(q)
   f32 = np.asarray(q.dequantize(jnp.float32))
   assert q.dequantize().dtype == jnp.bfloat16  # the compute dtype
   for dtype in (jnp.bfloat16, jnp.float16, "float32", np.float32):
