@@ -10,14 +10,19 @@ path: the same program run on ``jlora.merge(lp)``. Outputs and the
 gradients with respect to ``a`` and ``b`` must agree within the dtype's
 tolerance; a contraction that does not fit the kernel's layout may raise
 `jlora.LayoutError` instead, and nothing else.
+
+The examples are derandomized, so a run (and CI) is reproducible; set
+JLORA_FUZZ_RANDOM=1 to explore new programs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Callable
 
+import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -297,10 +302,32 @@ def check_program(data):
                   jax.grad(lambda t: _loss(merged(t)))(t))
 
   try:
-    (got, want), grads = both(trainable)
+    (got, want), grads = jax.block_until_ready(both(trainable))
   except jlora.LayoutError:
     assert not layout_ok, "a contraction that fits the layout raised"
     return
+  except jax.errors.JaxRuntimeError as e:
+    if "UNIMPLEMENTED" not in str(e):
+      raise
+    # Some programs the backend cannot run at all: XLA CPU has no
+    # bf16 x bf16 -> f32 dot for some operand layouts. The example is
+    # dropped, for lack of a reference, only if the merged program fails so
+    # and jlora's path either runs or fails just as the program does on the
+    # bare base kernels (no adapter), i.e. on the program's own product.
+    def runs(f, arg=trainable):
+      try:
+        jax.block_until_ready(jax.jit(f)(arg))
+        return True
+      except jax.errors.JaxRuntimeError as e:
+        assert "UNIMPLEMENTED" in str(e), e
+        return False
+
+    base = jax.tree.map(lambda n: n.w if isinstance(n, jlora.LoRA) else n,
+                        lp, is_leaf=lambda n: isinstance(n, jlora.LoRA))
+    assert not runs(merged), "merged runs alone but not beside wrapped"
+    assert runs(wrapped) or not runs(lambda p: program(p, x), base), (
+        "jlora's path fails on a program the backend runs")
+    hypothesis.reject()
   assert got.shape == want.shape and got.dtype == want.dtype
   tol = 5e-2 if low else 2e-4
   assert _rel(got, want) < tol, ("output", _rel(got, want), tol)
@@ -312,7 +339,9 @@ def check_program(data):
 
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                  HealthCheck.data_too_large])
+                                                  HealthCheck.data_too_large,
+                                                  HealthCheck.filter_too_much],
+            derandomize=not os.environ.get("JLORA_FUZZ_RANDOM"))
 
 
 @pytest.mark.fast_tier
