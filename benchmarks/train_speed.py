@@ -218,7 +218,6 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   return result
 
 
-
 def lora_step(model, tx, opts: dict):
   """The jitted LoRA step of a `jlora.models` model, as a system's options say.
 
