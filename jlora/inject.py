@@ -13,9 +13,9 @@ import numpy as np
 from jlora import _paths
 from jlora.node import (LoRA, base_array, check_layout, default_layout,
                         factor_shapes, is_lora, kernel_matrix)
-from jlora.layouts import Layouts
+from jlora.layouts import select_targets
 from jlora.targets import (Selector, format_layout_dict, path_regex,
-                           pattern_value, select, select_inferred)
+                           pattern_value)
 
 
 def _adapter_dtype(w_dtype, dtype):
@@ -267,10 +267,7 @@ def apply(params: Any, rank: int, *, alpha: float | None = None,
   # would hash and print differently in metadata).
   dropout, rslora, dora, train_a = (float(dropout), bool(rslora), bool(dora),
                                     bool(train_a))
-  if isinstance(layout, Layouts):
-    chosen = select_inferred(leaves, layout, targets, exclude)
-  else:
-    chosen = select(leaves, targets, exclude)
+  chosen = select_targets(leaves, targets, exclude, layout)
   if not chosen:
     raise ValueError(
         f"exclude={exclude!r} removes every kernel that targets={targets!r}"

@@ -11,7 +11,7 @@ from jlora import _paths
 from jlora._factored import LayoutError
 from jlora._layout_walk import View, Walk
 from jlora.node import factor_shapes
-from jlora.targets import HEAD_PATTERN
+from jlora.targets import HEAD_PATTERN, Selector, select, select_inferred
 
 
 class Layouts(dict):
@@ -56,6 +56,19 @@ class Layouts(dict):
     return Layouts({**self, **other}, heads=self.heads,
                    embeddings=self.embeddings)
 
+
+
+def select_targets(leaves: list[tuple[str, Any]], targets: Selector = None,
+                   exclude: Selector = None, layout: Any = None) -> list[str]:
+  """The paths `jlora.apply` and `jlora.quantize` act on.
+
+  With a `Layouts` from `infer_layout`, among the matmul weights it found
+  (by default its ``targets``); with a regex-keyed layout dict or none, by
+  name (`jlora.targets.select`, default "all-linear").
+  """
+  if isinstance(layout, Layouts):
+    return select_inferred(leaves, layout, targets, exclude)
+  return select(leaves, targets, exclude)
 
 def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic,

@@ -34,8 +34,9 @@ from jlora._quant_array import (BLOCK_SIZE2, DYNAMIC_VALUES, FP4_VALUES,
                                 METHODS, NF4_VALUES, QuantizedArray,
                                 _check_args, is_quantized, quantize_array)
 from jlora.node import default_layout, is_lora
+from jlora.layouts import select_targets
 from jlora.targets import (ALL_LINEAR, NON_KERNEL_NAMES, Selector, is_matrix,
-                           matcher, pattern_value, select)
+                           matcher, pattern_value)
 
 __all__ = [
     "BLOCK_SIZE2", "DYNAMIC_VALUES", "FP4_VALUES", "METHODS", "NF4_VALUES",
@@ -100,7 +101,9 @@ def quantize(params: Any, method: str = "nf4", *, block_size: int = 64,
       ``dtype``.
     layout: ``{regex: roles}`` as in `jlora.apply`; blocks never cross the
       leading stacked ('b') axes, so a scan can slice the stored arrays.
-      Default: every axis but the last two is stacked.
+      Default: every axis but the last two is stacked. The `Layouts` from
+      `jlora.infer_layout` also sets the default targets, as in `apply`:
+      every matmul weight it found but heads and embeddings.
 
   Non-finite kernels: `quantize` raises a ValueError naming the kernel and
   the number of inf/NaN values when the params are concrete arrays; traced
@@ -134,7 +137,7 @@ def quantize(params: Any, method: str = "nf4", *, block_size: int = 64,
         f"params already hold LoRA adapters at {adapted[:5]}; quantize the"
         " base before jlora.apply, or use jlora.quant.merge_and_quantize to"
         " fuse and re-quantize")
-  chosen = set(select(leaves, targets, exclude))
+  chosen = set(select_targets(leaves, targets, exclude, layout))
 
   def replace(path, leaf):
     if path not in chosen:
@@ -417,8 +420,9 @@ def quantize_fp8(params: Any, *, scaling: str = "channel",
       dequantize-per-use elsewhere), ``"fp8"`` (FP8 numerics everywhere,
       emulated exactly in float32 where the hardware has none) or
       ``"upcast"`` (always dequantize per use). `set_fp8_product` changes it.
-    targets, exclude, layout: as in `quantize` (default "all-linear"; the
-      layout's 'i' axes are the input axes the scales are shared along).
+    targets, exclude, layout: as in `quantize` (default "all-linear", or an
+      inferred `Layouts`' weights; the layout's 'i' axes are the input axes
+      the scales are shared along).
     compute_dtype: the dtype the kernel dequantizes to and reports.
 
   Raises:
@@ -438,7 +442,7 @@ def quantize_fp8(params: Any, *, scaling: str = "channel",
         f"params already hold LoRA adapters at {adapted[:5]}; quantize the"
         " base before jlora.apply, or use jlora.quant.merge_and_quantize(tree,"
         " 'fp8') to fuse and re-quantize")
-  chosen = set(select(leaves, targets, exclude))
+  chosen = set(select_targets(leaves, targets, exclude, layout))
 
   def replace(path, leaf):
     if path not in chosen or is_quantized(leaf) or not jnp.issubdtype(

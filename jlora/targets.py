@@ -39,7 +39,8 @@ EMBEDDING_PATTERN = re.compile(r"(^|/)[^/]*emb[^/]*(/|$)", re.IGNORECASE)
 _INFER_HINT = (
     "infer every matmul weight and its layout from the model with layout ="
     " jlora.infer_layout(fn, params, *args), then jlora.apply(params, rank,"
-    " key=key, layout=layout)")
+    " key=key, layout=layout) (and jlora.quantize(params, method,"
+    " layout=layout) for a quantized base)")
 
 
 def path_regex(path: str) -> str:
@@ -217,7 +218,8 @@ def _check_all_linear(matrices: list[tuple[str, Any]], hits: list[str]):
         f"targets '{ALL_LINEAR}' (the default) picks leaves named 'kernel'"
         f" and skips these leaves with >= 2 axes: {compact_paths(skipped)}."
         f" If they are matmul weights, {_INFER_HINT}; or name them with"
-        " targets=r'...'.", UserWarning, stacklevel=4)
+        " targets=r'...'.", UserWarning,
+        stacklevel=5)  # the user's apply/quantize, through select_targets
 
 
 def select_inferred(leaves: list[tuple[str, Any]], layouts: Any,

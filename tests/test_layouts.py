@@ -15,6 +15,7 @@ import pytest
 
 import jlora
 from helpers import randomize_b, rel_err
+from jlora._paths import leaves_with_path
 from jlora.node import factor_shapes, is_lora
 from layout_models import CASES, KEY, _ids
 
@@ -295,6 +296,25 @@ def test_all_linear_on_weights_not_named_kernel_raises():
   assert len(_nodes(jlora.apply(model, rank=2, key=KEY, layout=layout))) == 6
 
 
+
+@pytest.mark.parametrize("method", ["nf4", "fp8"])
+def test_inferred_layout_picks_what_quantize_stores(method):
+  """An equinox model's weights (named 'weight', (out, in)): quantize with
+  the inferred layout stores exactly the weights apply adapts, and the
+  adapted quantized model equals its merged path."""
+  case = CASES["equinox_lm"]()
+  layout = jlora.infer_layout(case.fn, case.params, *case.args)
+  with pytest.raises(ValueError, match="'all-linear' \\(the default\\)"):
+    jlora.quantize(case.params, method)  # no layout: names, not uses
+  q = jlora.quantize(case.params, method, layout=layout)
+  stored = [p for p, x in leaves_with_path(q) if jlora.quant.is_quantized(x)]
+  assert stored == layout.targets
+  lp = _adapted(case._replace(params=q), layout)
+  assert [n.path for n in _nodes(lp)] == layout.targets
+  y = eqx.filter_jit(jlora.wrap(case.fn))(lp, *case.args)
+  y_merged = eqx.filter_jit(case.fn)(jlora.merge(lp), *case.args)
+  assert rel_err(y, y_merged) < 1e-2  # bf16 compute dtype
+
 def test_all_linear_warns_about_skipped_weights():
   case = CASES["tunix_like"]()
   with pytest.warns(UserWarning) as record:
@@ -309,6 +329,9 @@ def test_all_linear_warns_about_skipped_weights():
   assert "lm_head" not in msg and "embedder" not in msg
   assert "jlora.infer_layout" in msg
   assert all(n.path.endswith("kernel") for n in _nodes(lp))
+  with pytest.warns(UserWarning, match="all-linear") as record:
+    jlora.quantize(case.params, "nf4")  # selects as apply does
+  assert str(record[0].filename).endswith("test_layouts.py")
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # an inferred layout: no warning
     jlora.apply(case.params, rank=1, key=KEY, layout=jlora.infer_layout(
