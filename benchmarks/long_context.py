@@ -47,6 +47,8 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 
+import train_step as ts  # noqa: E402  (emit_json; sets the GPU memory fraction)
+
 SHAPE_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                 num_layers=32, num_heads=32, num_kv_heads=8)
 SHAPE_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=192,
@@ -375,7 +377,6 @@ def main():
       results.append(dict(base=base, setting=name,
                           error=f"timed out after {a.timeout:.0f} s"))
   print(table(results, args.at, "MiB" if a.tiny else "GiB"))
-  import train_step as ts
   ts.emit_json(dict(benchmark="long_context", tiny=a.tiny,
                     at=args.at, rows=results), a.json)
 

@@ -3,10 +3,10 @@
 Each system runs in its own subprocess (its own allocator, so its peak memory
 is its own), one after another; then a table and JSON are printed.
 
-  python benchmarks/moe_step.py --shape 30b --systems matmuls   # one H200
+  python benchmarks/moe_step.py --shape 30b --systems full,peft_gc  # one H200
   python benchmarks/moe_step.py --shape tiny                    # CPU smoke run
-  python benchmarks/moe_step.py --shape 30b --probe triton,cudnn,xla
-      # lax.ragged_dot alone at the expert shapes, per GPU lowering
+  python benchmarks/moe_step.py --shape 30b --probe mosaic,cudnn,xla
+      # the grouped product alone at the expert shapes, per GPU lowering
 
 Shape "30b" is Qwen3-30B-A3B: 48 layers, hidden 2048, 128 experts, top-8
 (normalised), expert width 768, 32 heads, 4 KV heads, head_dim 128, vocab
@@ -28,8 +28,12 @@ Systems:
                   `jlora.apply` + `jlora.wrap` (experts kept factored); named
                   as in benchmarks/train_speed.py (a preset "matmuls", "mlp",
                   "full", ... or a spec "remat=mlp/ce=1024"), plus
-                  "/ragged=..." for how XLA runs ragged_dot on a GPU:
-                    auto    triton if this jax has it, else cudnn (default)
+                  "/ragged=..." for how the grouped products run on a GPU:
+                    auto    mosaic (default)
+                    mosaic  what `jlora.wrap` does: the adapted expert
+                            products through jlora._grouped_gemm (jax's
+                            Mosaic GPU grouped GEMM kernels on Hopper)
+                  and, with JLORA_GROUPED_GEMM=xla (lax.ragged_dot), XLA's:
                     triton  jax's Pallas-Triton grouped GEMM lowering
                             (jax_ragged_dot_use_gpu_pallas_triton_lowering;
                             the lowering module ships in some jax wheels only)
@@ -82,7 +86,7 @@ DEFAULT_SYSTEMS = {
   "30b": "peft_compile,peft,matmuls,mlp,full",
   "tiny": "peft_compile,peft,matmuls,full,full/ragged=xla",
 }
-RAGGED = ("auto", "triton", "cudnn", "xla")
+RAGGED = ("auto", "mosaic", "triton", "cudnn", "xla")
 _TRITON_MODULE = "jax._src.lax.pallas_lowerings.gpu.ragged_dot"
 _CUDNN_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
 
@@ -142,8 +146,9 @@ def ragged_lowering(opts: dict) -> str:
   """Sets up the ragged_dot lowering of `opts`; call before importing jax
   (XLA_FLAGS are read when the backend starts). Returns the one used."""
   choice = opts["ragged"]
-  if choice == "auto":
-    choice = "triton" if _triton_available() else "cudnn"
+  if choice in ("auto", "mosaic"):
+    return "mosaic"
+  os.environ["JLORA_GROUPED_GEMM"] = "xla"
   if choice == "triton" and not _triton_available():
     raise SystemExit(f"ragged=triton: this jax has no {_TRITON_MODULE}")
   if choice == "cudnn":
@@ -159,6 +164,7 @@ def hlo_kernels(text: str) -> dict:
     "triton_ragged": text.count("pallas_triton_ragged_dot")
                      + text.count("tgmm_ragged_dot"),
     "cudnn_fusions": text.count("__cudnn$fusion"),
+    "mosaic_kernels": text.count("mosaic_gpu"),
   }
 
 
@@ -220,8 +226,13 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   ids = jax.random.randint(key, (s["batch"], s["seq"] + 1), 0, s["vocab"])
   inputs, labels = ids[:, :-1], ids[:, 1:]
 
-  t0 = time.perf_counter()
+  def log(msg):
+    print(f"[{name}] {time.perf_counter() - start:7.1f} s  {msg}",
+          file=sys.stderr, flush=True)
+
+  start = t0 = time.perf_counter()
   params = random_params(model, key, inputs[:1, :8])
+  log("params drawn")
   lp = jlora.apply(params, rank=rank, alpha=alpha, key=key,
                    targets=JLORA_TARGETS)
   del params
@@ -230,16 +241,19 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   opt_state = jax.jit(tx.init)(trainable)
   jax.block_until_ready((trainable, frozen, opt_state))
   init_s = time.perf_counter() - t0
+  log("adapters and optimizer state made")
 
   step = train_speed.lora_step(model, tx, opts)
 
   t0 = time.perf_counter()
-  compiled = step.lower(trainable, opt_state, frozen, inputs,
-                        labels).compile()
+  lowered = step.lower(trainable, opt_state, frozen, inputs, labels)
+  log("traced and lowered")
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   hlo = hlo_kernels(compiled.as_text())
   mem = compiled.memory_analysis()
   temp = None if mem is None else mem.temp_size_in_bytes / 2**30
+  log(f"compiled: temp {temp} GiB, {hlo}")
   (trainable, opt_state), losses, rounds = train_speed.time_steps(
     compiled, (trainable, opt_state), (frozen, inputs, labels), steps, warmup)
   stats = jax.devices()[0].memory_stats() or {}
@@ -303,12 +317,18 @@ def run_peft(name: str, s: dict, rank: int, alpha: float, steps: int,
 
 
 def run_probe(lowering: str, s: dict, rank: int, reps: int = 5) -> dict:
-  """Times lax.ragged_dot at the expert shapes under one lowering: forward,
-  input gradient and weight gradient, for the (hidden -> 2 inner) base
-  product and for a LoRA factor (hidden -> rank)."""
+  """Times the grouped product at the expert shapes under one lowering:
+  forward, input gradient and weight gradient, for the (hidden -> 2 inner)
+  base product and for a LoRA factor (hidden -> rank)."""
   lowering = ragged_lowering({"ragged": lowering})
   import jax
   import jax.numpy as jnp
+
+  from jlora import _grouped_gemm
+
+  # "mosaic" is lax.ragged_dot where jlora's kernels do not apply.
+  ragged_dot = (_grouped_gemm.ragged_dot if lowering == "mosaic"
+                else jax.lax.ragged_dot)
 
   if lowering == "triton":
     jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
@@ -324,11 +344,11 @@ def run_probe(lowering: str, s: dict, rank: int, reps: int = 5) -> dict:
     w = jax.random.normal(key, (e, k, n), jnp.bfloat16)
     dy = jax.random.normal(key, (m, n), jnp.bfloat16)
     fns = {
-      "fwd": lambda x, w: jax.lax.ragged_dot(x, w, sizes),
+      "fwd": lambda x, w: ragged_dot(x, w, sizes),
       "dgrad": lambda x, w: jax.vjp(
-        lambda x: jax.lax.ragged_dot(x, w, sizes), x)[1](dy)[0],
+        lambda x: ragged_dot(x, w, sizes), x)[1](dy)[0],
       "wgrad": lambda x, w: jax.vjp(
-        lambda w: jax.lax.ragged_dot(x, w, sizes), w)[1](dy)[0],
+        lambda w: ragged_dot(x, w, sizes), w)[1](dy)[0],
     }
     for leg, fn in fns.items():
       compiled = jax.jit(fn).lower(x, w).compile()
@@ -446,7 +466,7 @@ def main() -> None:
                  help="seconds per system")
   p.add_argument("--json", default=None, help="write results here")
   p.add_argument("--probe", default=None, metavar="LOWERINGS",
-                 help="instead of training steps, time lax.ragged_dot at the"
+                 help="instead of training steps, time the grouped product at the"
                  " expert shapes under these comma-separated lowerings (from"
                  f" {RAGGED}), each in its own process")
   p.add_argument("--system", help=argparse.SUPPRESS)

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jlora import _fp8
+from jlora import _fp8, _grouped_gemm
 from jlora._shapes import reshape_groups
 from jlora._quant_array import is_quantized
 from jlora.node import LoRA, _to_kernel_layout, base_array, is_multi
@@ -447,7 +447,19 @@ class Factored:
     (lc, rc), (lb, rb) = dimension_numbers.dot_dimension_numbers
     (g,) = dimension_numbers.rhs_group_dimensions
     (m,) = dimension_numbers.lhs_ragged_dimensions
-    base = self._base_product(x, True, bind)
+    # The plain (M, K) x (G, K, N) form runs as a grouped GEMM on GPUs whose
+    # XLA lowering would expand every group to dense (jlora._grouped_gemm).
+    grouped = (x.ndim == 2 and self.roles == "bio" and (g, m) == (0, 0)
+               and tuple(lc) == tuple(rc) == (1,) and not lb
+               and params.get("group_offset") is None
+               and not _fp8.is_fp8(self.w))
+    product = bind
+    if grouped:
+      def product(x, w, out=params.get("preferred_element_type")):
+        return _grouped_gemm.ragged_dot(
+          x, w, group_sizes, precision=params.get("precision"),
+          preferred_element_type=out)
+    base = self._base_product(x, True, product)
     dtype = self.w.dtype
     out_dtype = params.get("preferred_element_type") or base.dtype
     options = dict(precision=params.get("precision"),
@@ -462,9 +474,12 @@ class Factored:
     first = jax.lax.RaggedDotDimensionNumbers(
         ((tuple(lc), tuple(pa[k] for k in rc)),
          (tuple(lb), tuple(pa[k] for k in rb))), [m], [pa[g]])
-    t = jax.lax.ragged_dot_general(self._dropout_rows(x),
-                                   self.a.astype(dtype), group_sizes, first,
-                                   **options)
+    if grouped:  # a: (G, K, r)
+      t = product(self._dropout_rows(x), self.a.astype(dtype), out_dtype)
+    else:
+      t = jax.lax.ragged_dot_general(self._dropout_rows(x),
+                                     self.a.astype(dtype), group_sizes, first,
+                                     **options)
     scale = jnp.asarray(self.scale, out_dtype)
     if self.group_scales:
       scale = self._row_scales(example_rows, t.shape)
@@ -475,8 +490,12 @@ class Factored:
          (tuple(range(len(lb))), tuple(pb[k] for k in rb))),
         [len(lb) + x_free.index(m)], [pb[g]])
     t = (t * scale.astype(out_dtype)).astype(dtype)
-    delta = jax.lax.ragged_dot_general(t, self.b.astype(dtype), group_sizes,
-                                       second, **options)
+    if grouped:  # b: (G, N, r)
+      delta = product(t, jnp.swapaxes(self.b.astype(dtype), 1, 2),
+                      out_dtype)
+    else:
+      delta = jax.lax.ragged_dot_general(t, self.b.astype(dtype),
+                                         group_sizes, second, **options)
     y = base + delta.astype(base.dtype)
     if self.gain is not None:
       y = y * self._row_gain(x, group_sizes, dimension_numbers, params,

@@ -30,9 +30,10 @@ Each block records its routing statistics with
 them into transformers' auxiliary loss (Switch Transformer's, as
 `load_balancing_loss_func` computes it).
 
-On GPUs `ragged_dot`'s default XLA lowering expands each group to dense
-(E times the FLOPs and memory); the fine-tuning guide's "Mixture-of-Experts
-models" section names the lowerings that run it as a grouped GEMM.
+On GPUs `ragged_dot`'s XLA lowering expands each group to dense (E times the
+FLOPs and memory); under `jlora.wrap` the adapted expert products run as
+grouped GEMM kernels on Hopper instead (`jlora._grouped_gemm`; the
+fine-tuning guide's "Mixture-of-Experts models" section).
 """
 
 from __future__ import annotations
