@@ -70,7 +70,28 @@ def _mosaic_kernels() -> Kernels:
       block_n=_blocks(dy.shape[1]), block_k=64, max_concurrent_steps=4,
       grid_block_n=1)
 
-  return Kernels(forward, input_grad, weight_grad)
+  # A computation placed on the CPU of a GPU machine lowers the lax branch.
+  fallback = lax_kernels()
+  return Kernels(*(
+    functools.partial(_on_cuda, cuda, default)
+    for cuda, default in zip((forward, input_grad, weight_grad), fallback)))
+
+
+def _on_cuda(cuda, default, *args):
+  return jax.lax.platform_dependent(*args, cuda=cuda, default=default)
+
+
+def lax_kernels() -> Kernels:
+  """The three products as `lax.ragged_dot_general` (any platform)."""
+  def weight_grad(x, dy, sizes):
+    dims = jax.lax.RaggedDotDimensionNumbers((((0,), (0,)), ((), ())), [0],
+                                             [])
+    return jax.lax.ragged_dot_general(x, dy, sizes, dims)
+
+  return Kernels(
+    lambda x, w, sizes: jax.lax.ragged_dot(x, w, sizes),
+    lambda dy, w, sizes: jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), sizes),
+    weight_grad)
 
 
 @functools.cache

@@ -176,6 +176,37 @@ def test_wrap_routes_expert_products_through_the_kernels(monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_hopper_path_traces_here_and_lowers_lax_off_gpu(monkeypatch):
+  """As on a Hopper machine: the Mosaic kernels are traced (their calls fit
+  this jax), and a computation lowered for the CPU runs the lax branch.
+  Only the input is differentiated: the weight-gradient kernel reads the
+  GPU's core count while it is traced."""
+  ks = jax.random.split(jax.random.key(4), 4)
+  params = {"router": jax.random.normal(ks[0], (D, E)),
+            "up": jax.random.normal(ks[1], (E, D, F), jnp.bfloat16),
+            "down": jax.random.normal(ks[2], (E, F, D), jnp.bfloat16)}
+  x = jax.random.normal(ks[3], (TOKENS, D), jnp.bfloat16)
+  lp = randomize_b(jlora.apply(params, rank=R, key=ks[0], targets="up|down",
+                               layout={"up": "bio", "down": "bio"}), ks[1])
+  trainable, frozen = jlora.partition(lp)
+
+  def loss(t, x):
+    y = jlora.wrap(moe)(jlora.combine(t, frozen), x)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+  want = jax.jit(jax.value_and_grad(loss, 1))(trainable, x)
+  monkeypatch.setattr(gg, "_hopper", lambda: True)
+  assert gg.default_kernels(x, params["up"]) is not None
+  step = jax.jit(jax.value_and_grad(loss, 1))
+  jaxpr = str(step.trace(trainable, x).jaxpr)
+  assert "platform_index" in jaxpr and "ragged_dot" in jaxpr
+  got = step(trainable, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(b, np.float32), rtol=2e-2,
+                               atol=2e-2)
+
+
 @pytest.mark.skipif(not gg._hopper(), reason="needs a Hopper GPU")
 def test_hopper_kernels_match_lax_ragged_dot():
   m, k, n, g = 1000, 192, 320, 8
