@@ -449,8 +449,8 @@ class Factored:
     (m,) = dimension_numbers.lhs_ragged_dimensions
     # The plain (M, K) x (G, K, N) form runs as a grouped GEMM on GPUs whose
     # XLA lowering would expand every group to dense (jlora._grouped_gemm).
-    grouped = (x.ndim == 2 and self.roles == "bio" and (g, m) == (0, 0)
-               and tuple(lc) == tuple(rc) == (1,) and not lb
+    grouped = (self.roles == "bio"
+               and _grouped_gemm.is_plain(dimension_numbers, x.ndim, 3)
                and params.get("group_offset") is None
                and not _fp8.is_fp8(self.w))
     product = bind

@@ -18,6 +18,8 @@ is ``lax.ragged_dot``. ``JLORA_GROUPED_GEMM=xla`` forces that everywhere.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 from typing import NamedTuple
@@ -29,6 +31,19 @@ import jax.numpy as jnp
 # other sizes are zero-padded to it, which changes no result.
 _ALIGN = 64
 _DTYPES = (jnp.bfloat16, jnp.float16)
+# Set while jlora traces a model (`wrap`, `infer_layout`): the jaxpr they
+# read must hold the model's `ragged_dot`, which `wrap` then runs factored.
+_TRACING = contextvars.ContextVar("jlora_tracing_ragged_dot", default=False)
+
+
+@contextlib.contextmanager
+def as_lax_ragged_dot():
+  """Inside: `ragged_dot` is `lax.ragged_dot` (for jlora's own traces)."""
+  token = _TRACING.set(True)
+  try:
+    yield
+  finally:
+    _TRACING.reset(token)
 
 
 class Kernels(NamedTuple):
@@ -137,7 +152,7 @@ def ragged_dot(x, w, group_sizes, *, precision=None,
     y = ragged_dot(rows, w, sizes)   # rows (M, K), w (G, K, N) -> (M, N)
     jax.grad(lambda w: ragged_dot(rows, w, sizes).sum())(w)
   """
-  if kernels is None:
+  if kernels is None and not _TRACING.get():
     kernels = default_kernels(x, w, preferred_element_type)
   if kernels is None:
     return jax.lax.ragged_dot(x, w, group_sizes, precision=precision,
@@ -152,6 +167,26 @@ def ragged_dot(x, w, group_sizes, *, precision=None,
   # Rows past the groups are 0 in lax.ragged_dot; the kernels leave them.
   valid = jnp.arange(m) < jnp.sum(group_sizes)
   return jnp.where(valid[:, None], y[:, :n], jnp.zeros((), y.dtype))
+
+
+def is_plain(dimension_numbers, lhs_ndim: int, rhs_ndim: int) -> bool:
+  """Whether a ragged_dot_general is ``ragged_dot(x (M, K), w (G, K, N))``."""
+  (lc, rc), (lb, rb) = dimension_numbers.dot_dimension_numbers
+  return (lhs_ndim == 2 and rhs_ndim == 3
+          and tuple(dimension_numbers.lhs_ragged_dimensions) == (0,)
+          and tuple(dimension_numbers.rhs_group_dimensions) == (0,)
+          and tuple(lc) == tuple(rc) == (1,) and not lb and not rb)
+
+
+def bind_ragged_dot(eqn, invals):
+  """A traced `ragged_dot_general` equation, as a grouped GEMM if plain."""
+  lhs, rhs, sizes = invals
+  p = eqn.params
+  if (not is_plain(p["ragged_dot_dimension_numbers"], lhs.ndim, rhs.ndim)
+      or p.get("group_offset") is not None):
+    return None
+  return [ragged_dot(lhs, rhs, sizes, precision=p.get("precision"),
+                     preferred_element_type=p.get("preferred_element_type"))]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

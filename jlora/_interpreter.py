@@ -18,6 +18,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.extend.core import primitives as prims
 
+from jlora import _grouped_gemm
 from jlora._factored import Factored, shared_input_products
 from jlora._quant_array import is_quantized
 from jlora.node import base_array
@@ -92,7 +93,11 @@ def eval_jaxpr(jaxpr, consts, args, *, fuse_outputs: bool,
       finally:
         _FRAME.reset(token)
     else:
-      outs = bind(eqn, invals)
+      outs = None
+      if eqn.primitive.name == "ragged_dot_general":  # an unadapted expert
+        outs = _grouped_gemm.bind_ragged_dot(eqn, invals)
+      if outs is None:
+        outs = bind(eqn, invals)
     for v, x in zip(eqn.outvars, outs):
       write(v, x)
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jlora import _paths
+from jlora import _grouped_gemm, _paths
 from jlora._factored import LayoutError
 from jlora._layout_walk import View, Walk
 from jlora.node import factor_shapes
@@ -142,8 +142,9 @@ def infer_layout(fn: Callable[..., Any], params: Any, *args,
     a, k = jax.tree.unflatten(a_def, a_full)
     return fn(jax.tree.unflatten(p_def, p_full), *a, **k)
 
-  closed = jax.make_jaxpr(flat_fn)(*[_abstract(p_vals[i]) for i in p_dyn],
-                                   *[_abstract(a_leaves[i]) for i in a_dyn])
+  with _grouped_gemm.as_lax_ragged_dot():
+    closed = jax.make_jaxpr(flat_fn)(*[_abstract(p_vals[i]) for i in p_dyn],
+                                     *[_abstract(a_leaves[i]) for i in a_dyn])
   shapes = [tuple(np.shape(p_vals[i])) for i in p_dyn]
   walk = Walk(shapes)
   views = [View(n, tuple(frozenset([k]) for k in range(len(s))),

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from jax.experimental import checkify
 
+from jlora import _grouped_gemm
 from jlora._factored import AdapterIds, Factored, collect_layout_errors
 from jlora._fp8 import is_fp8
 from jlora._fp8_kernel import Fp8Kernel
@@ -189,8 +190,9 @@ def wrap(fn: Callable[..., Any], *, share_inputs: bool = True,
       a, k = jax.tree.unflatten(treedef, full)
       return fn(*a, **k)
 
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
-        *[_abstract(leaves[i]) for i in dynamic])
+    with _grouped_gemm.as_lax_ragged_dot():
+      closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
+          *[_abstract(leaves[i]) for i in dynamic])
     inputs = [_input(leaves[i], _node_rng(lora_rng, n), adapter_ids)
               for n, i in enumerate(dynamic)]
     with collect_layout_errors():  # one error listing every mismatch

@@ -233,3 +233,60 @@ def test_hopper_kernels_match_lax_ragged_dot():
   assert rel_err(got[0], want[0]) < 1e-2
   for a, b in zip(got[1], want[1]):
     assert rel_err(a.astype(jnp.float32), b) < 2e-2
+
+
+def test_model_experts_run_grouped_and_wrap_still_reads_ragged_dot(
+    monkeypatch):
+  """jlora.models' experts call the grouped GEMM; jlora's own traces (wrap,
+  infer_layout) still read `lax.ragged_dot`, which wrap then runs factored
+  through the same kernels."""
+  transformers = pytest.importorskip("transformers")
+  from jlora.models import ModelConfig, from_config
+
+  hf = transformers.Qwen3MoeConfig(
+    vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+    moe_intermediate_size=12, num_experts=E, num_experts_per_tok=TOPK,
+    max_position_embeddings=32, bos_token_id=None, eos_token_id=None,
+    pad_token_id=None)
+  model, params = from_config(ModelConfig.from_hf(hf), jax.random.key(0),
+                              scan_layers=False)
+  params = {"params": params}
+  ids = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+  lp = randomize_b(jlora.apply(params, rank=R, key=jax.random.key(2),
+                               targets="experts"), jax.random.key(3))
+  layout = jlora.infer_layout(model.apply, params, ids)
+  want_plain = model.apply(params, ids)
+  want_wrapped = jlora.wrap(model.apply)(lp, ids)
+
+  kernels, calls = stand_in()
+  monkeypatch.setattr(gg, "default_kernels", lambda *a, **k: kernels)
+  got_plain = model.apply(params, ids)
+  assert calls == {"forward": 4}  # 2 layers x (gate_up, down)
+  calls.clear()
+  got_wrapped = jlora.wrap(model.apply)(lp, ids)
+  assert calls == {"forward": 12}  # each: the base and both factors
+  assert jlora.infer_layout(model.apply, params, ids) == layout
+  np.testing.assert_allclose(got_plain, want_plain, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_wrapped, want_wrapped, rtol=1e-5, atol=1e-5)
+  assert rel_err(got_wrapped, model.apply(jlora.merge(lp), ids)) < 1e-4
+
+
+def test_unadapted_experts_under_wrap_run_grouped(monkeypatch):
+  """LoRA on other kernels only: wrap still runs the plain expert products
+  as grouped GEMMs (not XLA's dense expansion)."""
+  ks = jax.random.split(jax.random.key(5), 4)
+  params = {"router": jax.random.normal(ks[0], (D, E)),
+            "up": jax.random.normal(ks[1], (E, D, F)),
+            "down": jax.random.normal(ks[2], (E, F, D))}
+  x = jax.random.normal(ks[3], (TOKENS, D))
+  lp = randomize_b(jlora.apply(params, rank=R, key=ks[0], targets="router"),
+                   ks[1])
+  want = jlora.wrap(moe)(lp, x)
+  kernels, calls = stand_in()
+  monkeypatch.setattr(gg, "default_kernels", lambda *a, **k: kernels)
+  got = jlora.wrap(moe)(lp, x)
+  assert calls == {"forward": 2}
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, moe(jlora.merge(lp), x), rtol=1e-4,
+                             atol=1e-4)

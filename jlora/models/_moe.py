@@ -31,9 +31,10 @@ them into transformers' auxiliary loss (Switch Transformer's, as
 `load_balancing_loss_func` computes it).
 
 On GPUs `ragged_dot`'s XLA lowering expands each group to dense (E times the
-FLOPs and memory); under `jlora.wrap` the adapted expert products run as
-grouped GEMM kernels on Hopper instead (`jlora._grouped_gemm`; the
-fine-tuning guide's "Mixture-of-Experts models" section).
+FLOPs and memory); on Hopper the experts run as grouped GEMM kernels instead
+(`jlora._grouped_gemm`), and under `jlora.wrap` the adapted expert products
+and their factors too (the fine-tuning guide's "Mixture-of-Experts models"
+section).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from jlora import _grouped_gemm
 from jlora.models.config import ModelConfig
 
 _ACTIVATIONS = {
@@ -104,8 +106,10 @@ class Experts(nn.Module):
   """E stacked SwiGLU/GeGLU expert MLPs over rows sorted by expert.
 
   `rows` (R, hidden) hold `sizes[0]` rows for expert 0, then `sizes[1]` for
-  expert 1, ...; returns (R, hidden). Two grouped GEMMs (`lax.ragged_dot`),
-  their outputs tagged "gate_up_proj" and "down_proj" for remat policies.
+  expert 1, ...; returns (R, hidden). Two grouped GEMMs (`lax.ragged_dot`;
+  Hopper's grouped GEMM kernels outside `jlora.wrap`, see
+  `jlora._grouped_gemm`), their outputs tagged "gate_up_proj" and
+  "down_proj" for remat policies.
   """
 
   config: ModelConfig
@@ -120,10 +124,10 @@ class Experts(nn.Module):
     gate_up = _Param((e, h, 2 * f), self.param_dtype, std,
                      name="gate_up_proj")()
     down = _Param((e, f, h), self.param_dtype, std, name="down_proj")()
-    y = lax.ragged_dot(rows, gate_up.astype(self.dtype), sizes)
+    y = _grouped_gemm.ragged_dot(rows, gate_up.astype(self.dtype), sizes)
     gate, up = jnp.split(checkpoint_name(y, "gate_up_proj"), 2, axis=-1)
     hidden = _ACTIVATIONS[c.hidden_act](gate) * up
-    y = lax.ragged_dot(hidden, down.astype(self.dtype), sizes)
+    y = _grouped_gemm.ragged_dot(hidden, down.astype(self.dtype), sizes)
     return checkpoint_name(y, "down_proj")
 
 
