@@ -449,10 +449,8 @@ class Factored:
     (m,) = dimension_numbers.lhs_ragged_dimensions
     # The plain (M, K) x (G, K, N) form runs as a grouped GEMM on GPUs whose
     # XLA lowering would expand every group to dense (jlora._grouped_gemm).
-    grouped = (self.roles == "bio"
-               and _grouped_gemm.is_plain(dimension_numbers, x.ndim, 3)
-               and params.get("group_offset") is None
-               and not _fp8.is_fp8(self.w))
+    grouped = (self.roles == "bio" and not _fp8.is_fp8(self.w)
+               and _grouped_gemm.is_plain(params, x.ndim, 3))
     product = bind
     if grouped:
       def product(x, w, out=params.get("preferred_element_type")):

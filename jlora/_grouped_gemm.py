@@ -6,8 +6,8 @@ sizes (G,) int32 -> (M, N), row i meeting the kernel of its group. It equals
 ships (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` forward and input
 gradient, `transposed_ragged_dot_mgpu` weight gradient) under a custom VJP.
 
-Why: XLA's GPU lowering of ``ragged_dot`` (jax 0.10 and 0.11) expands every
-group to a dense product, G times the FLOPs and the memory (128 experts:
+Why: XLA's GPU lowering of ``ragged_dot`` (measured on jax 0.11.2) expands
+every group to a dense product, G times the FLOPs and the memory (128 experts:
 ~6 TFLOP/s on an H200 at Qwen3-30B-A3B's expert shapes, against ~240 for the
 kernels). `jlora.wrap` routes an expert kernel's base product and both LoRA
 factors through here, so a LoRA step on an MoE model never pays that.
@@ -63,6 +63,7 @@ def _blocks(n: int) -> int:
   return 128 if n % 128 == 0 else 64
 
 
+@functools.cache
 def _mosaic_kernels() -> Kernels:
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as fwd_mod
   from jax.experimental.pallas.ops.gpu import (
@@ -169,10 +170,13 @@ def ragged_dot(x, w, group_sizes, *, precision=None,
   return jnp.where(valid[:, None], y[:, :n], jnp.zeros((), y.dtype))
 
 
-def is_plain(dimension_numbers, lhs_ndim: int, rhs_ndim: int) -> bool:
-  """Whether a ragged_dot_general is ``ragged_dot(x (M, K), w (G, K, N))``."""
+def is_plain(params: dict, lhs_ndim: int, rhs_ndim: int) -> bool:
+  """Whether a ragged_dot_general (its params) is ``ragged_dot(x (M, K),
+  w (G, K, N), sizes)``: no batch axes, no group offset."""
+  dimension_numbers = params["ragged_dot_dimension_numbers"]
   (lc, rc), (lb, rb) = dimension_numbers.dot_dimension_numbers
   return (lhs_ndim == 2 and rhs_ndim == 3
+          and params.get("group_offset") is None
           and tuple(dimension_numbers.lhs_ragged_dimensions) == (0,)
           and tuple(dimension_numbers.rhs_group_dimensions) == (0,)
           and tuple(lc) == tuple(rc) == (1,) and not lb and not rb)
@@ -182,8 +186,7 @@ def bind_ragged_dot(eqn, invals):
   """A traced `ragged_dot_general` equation, as a grouped GEMM if plain."""
   lhs, rhs, sizes = invals
   p = eqn.params
-  if (not is_plain(p["ragged_dot_dimension_numbers"], lhs.ndim, rhs.ndim)
-      or p.get("group_offset") is not None):
+  if not is_plain(p, lhs.ndim, rhs.ndim):
     return None
   return [ragged_dot(lhs, rhs, sizes, precision=p.get("precision"),
                      preferred_element_type=p.get("preferred_element_type"))]

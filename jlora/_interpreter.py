@@ -93,9 +93,8 @@ def eval_jaxpr(jaxpr, consts, args, *, fuse_outputs: bool,
       finally:
         _FRAME.reset(token)
     else:
-      outs = None
-      if eqn.primitive.name == "ragged_dot_general":  # an unadapted expert
-        outs = _grouped_gemm.bind_ragged_dot(eqn, invals)
+      rule = _UNADAPTED_RULES.get(eqn.primitive.name)
+      outs = rule(eqn, invals) if rule else None
       if outs is None:
         outs = bind(eqn, invals)
     for v, x in zip(eqn.outvars, outs):
@@ -314,6 +313,13 @@ def _scan_rule(eqn, invals, share=True):
                        reverse=p["reverse"], unroll=p.get("unroll", 1))
   return [*carry, *ys]
 
+
+# Equations with no adapted input that still run differently under wrap
+# (a rule returns None to bind the equation as it is): plain ragged_dots of
+# unadapted experts as grouped GEMMs.
+_UNADAPTED_RULES: dict[str, Callable] = {
+    "ragged_dot_general": _grouped_gemm.bind_ragged_dot,
+}
 
 _RULES: dict[str, Callable] = {
     "dot_general": _dot_general_rule,

@@ -57,7 +57,6 @@ class Layouts(dict):
                    embeddings=self.embeddings)
 
 
-
 def select_targets(leaves: list[tuple[str, Any]], targets: Selector = None,
                    exclude: Selector = None, layout: Any = None) -> list[str]:
   """The paths `jlora.apply` and `jlora.quantize` act on.
@@ -69,6 +68,7 @@ def select_targets(leaves: list[tuple[str, Any]], targets: Selector = None,
   if isinstance(layout, Layouts):
     return select_inferred(leaves, layout, targets, exclude)
   return select(leaves, targets, exclude)
+
 
 def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic,
