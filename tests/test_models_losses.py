@@ -162,3 +162,30 @@ def test_errors_name_the_fix():
   with pytest.raises(TypeError, match="labels must be integers"):
     chunked_cross_entropy(h, w, labels.astype(jnp.float32),
                           head_layout="kernel")
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (CPU) devices")
+def test_data_parallel_loss_stays_on_each_devices_tokens():
+  # Sharded over the batch, each device takes its own tokens' share of every
+  # chunk: the compiled loss and gradient reduce a scalar and gather nothing
+  # (contiguous chunks would each sit on one device and be gathered to all).
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jlora.models import sharding
+  mesh = sharding.make_mesh("data:8", jax.devices()[:8])
+  h, w, labels, where = data(jax.random.key(3), lead=(16, 32))
+  rows = NamedSharding(mesh, P("data"))
+  h, labels, where = (jax.device_put(a, rows) for a in (h, labels, where))
+  w = jax.device_put(w, NamedSharding(mesh, P()))
+
+  def f(h, w):
+    return chunked_cross_entropy(h, w, labels, where=where, chunk_size=128)
+
+  grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+  hlo = grad.lower(h, w).compile().as_text()
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+  (loss, (dh, dw)) = grad(h, w)
+  ref_loss, ref_dh, ref_dw = np_loss_and_grads(
+      h, w, np.asarray(labels), np.asarray(where))
+  assert abs(float(loss) - ref_loss) < 1e-5 * abs(ref_loss)
+  assert rel(dh, ref_dh) < 1e-5 and rel(dw, ref_dw) < 1e-5
+  assert dh.sharding.is_equivalent_to(rows, dh.ndim)

@@ -211,7 +211,21 @@ def _logits(h, head, transpose: bool, softcap=None):
 
 
 def _chunks(x, chunk):
-  return x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:])
+  """(n, ...) -> (n // chunk, chunk, ...), chunk i holding tokens i, i + m,
+  i + 2m, ... (m = n // chunk).
+
+  Strided, not contiguous: under data parallelism the token axis is sharded in
+  contiguous blocks, and so stays each chunk's own token axis, so every device
+  computes the loss of its own tokens. A contiguous chunk would live on one
+  device, and the scan would gather every chunk to every device.
+  """
+  m = x.shape[0] // chunk
+  return jnp.moveaxis(x.reshape(chunk, m, *x.shape[1:]), 1, 0)
+
+
+def _unchunk(x):
+  """Inverse of `_chunks`: (m, chunk, ...) -> (m * chunk, ...)."""
+  return jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
 def _loss_only(h, head, y, w, chunk, transpose, softcap):
@@ -277,7 +291,7 @@ def _ce_fwd(h, head, y, w, chunk, transpose, softcap):
     (_chunks(h, chunk), _chunks(y, chunk), _chunks(w, chunk)),
   )
   if want_dh:
-    dh = dh.reshape(h.shape)
+    dh = _unchunk(dh)
   if want_dw:
     dw = dw.astype(head.dtype)
   return total, (dh, dw)
