@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 
 # The kernels tile K and N by 64 (128-byte bf16 rows for the TMA swizzle);
-# other sizes are zero-padded to it, which changes no result.
+# other sizes are zero-padded to it, which changes no result. Their output
+# stores tile M by 8 rows (an M of 20 fails to lower), so M is padded to 8.
 _ALIGN = 64
+_ROW_ALIGN = 8
 _DTYPES = (jnp.bfloat16, jnp.float16)
 # Set while jlora traces a model (`wrap`, `infer_layout`): the jaxpr they
 # read must hold the model's `ragged_dot`, which `wrap` then runs factored.
@@ -159,15 +161,15 @@ def ragged_dot(x, w, group_sizes, *, precision=None,
     return jax.lax.ragged_dot(x, w, group_sizes, precision=precision,
                               preferred_element_type=preferred_element_type)
   (m, k), n = x.shape, w.shape[2]
-  pk, pn = -k % _ALIGN, -n % _ALIGN
-  if pk:
-    x = jnp.pad(x, ((0, 0), (0, pk)))
+  pm, pk, pn = -m % _ROW_ALIGN, -k % _ALIGN, -n % _ALIGN
+  if pm or pk:
+    x = jnp.pad(x, ((0, pm), (0, pk)))
   if pk or pn:
     w = jnp.pad(w, ((0, 0), (0, pk), (0, pn)))
   y = _grouped(x, w, group_sizes.astype(jnp.int32), kernels)
   # Rows past the groups are 0 in lax.ragged_dot; the kernels leave them.
   valid = jnp.arange(m) < jnp.sum(group_sizes)
-  return jnp.where(valid[:, None], y[:, :n], jnp.zeros((), y.dtype))
+  return jnp.where(valid[:, None], y[:m, :n], jnp.zeros((), y.dtype))
 
 
 def is_plain(params: dict, lhs_ndim: int, rhs_ndim: int) -> bool:

@@ -40,6 +40,7 @@ def stand_in(calls=None, dtype=None):
   def aligned(*arrays):  # (M, K) rows or (G, K, N) kernels
     for a in arrays:
       assert all(d % 64 == 0 for d in a.shape[1:]), a.shape
+      assert a.ndim == 3 or a.shape[0] % 8 == 0, a.shape  # rows tile by 8
       assert dtype is None or a.dtype == dtype
 
   def forward(x, w, sizes):
@@ -180,7 +181,13 @@ def test_hopper_path_traces_here_and_lowers_lax_off_gpu(monkeypatch):
   """As on a Hopper machine: the Mosaic kernels are traced (their calls fit
   this jax), and a computation lowered for the CPU runs the lax branch.
   Only the input is differentiated: the weight-gradient kernel reads the
-  GPU's core count while it is traced."""
+  GPU's core count while it is traced. Placed on the CPU, so that on a GPU
+  machine too the lax branch is what runs."""
+  with jax.default_device(jax.devices("cpu")[0]):
+    _hopper_path_on_cpu(monkeypatch)
+
+
+def _hopper_path_on_cpu(monkeypatch):
   ks = jax.random.split(jax.random.key(4), 4)
   params = {"router": jax.random.normal(ks[0], (D, E)),
             "up": jax.random.normal(ks[1], (E, D, F), jnp.bfloat16),
@@ -209,7 +216,7 @@ def test_hopper_path_traces_here_and_lowers_lax_off_gpu(monkeypatch):
 
 @pytest.mark.skipif(not gg._hopper(), reason="needs a Hopper GPU")
 def test_hopper_kernels_match_lax_ragged_dot():
-  m, k, n, g = 1000, 192, 320, 8
+  m, k, n, g = 1001, 192, 320, 8  # no dimension a multiple of the tiles
   ks = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(ks[0], (m, k), jnp.bfloat16)
   w = jax.random.normal(ks[1], (g, k, n), jnp.bfloat16)
