@@ -29,9 +29,10 @@ Rows:
   70b_qlora_hostopt  70b_qlora with AdamW's state in pinned host memory
                 (1.5 GiB less on the device)
   70b_qlora_long  the longest context at batch 1: candidate lengths
-                (--contexts) are first compiled only (XLA's memory analysis
-                against the device's and the host's memory, bisected), then
-                one step runs at the longest that fits
+                (64k, 96k, 128k) are first compiled only (XLA's memory
+                analysis against the device's and the host's memory,
+                bisected), then one step runs at the longest that fits, up to
+                64k (a 128k step is minutes of attention)
   70b_fsdp2     70B in bf16, FSDP over 2 GPUs, batch 1 x 4096 per GPU
   70b_peft_bnb  transformers + PEFT + bitsandbytes NF4 (double quant) at the
                 70B QLoRA shape, built on the meta device and quantized layer
@@ -92,6 +93,7 @@ class Row:
   opt: str = "device"  # "host": AdamW state in pinned host memory
   system: str = "jlora"  # or "peft_bnb"
   contexts: tuple[int, ...] = ()  # >1: probe these lengths, run the longest
+  run_at: int = 0  # with contexts: time no longer than this (0: no cap)
   steps: int = 5
   warmup: int = 2
   timeout: float = 540.0
@@ -120,8 +122,8 @@ ROWS = {
                              opt="host", steps=4, warmup=1),
     "70b_qlora_long": Row("70b", 1, "QLoRA NF4, longest context", 1, 0,
                           quantize="nf4", offload="decoder_input",
-                          contexts=(65536, 98304, 131072), steps=1,
-                          warmup=0),
+                          contexts=(65536, 98304, 131072), run_at=65536,
+                          steps=1, warmup=0),
     "70b_fsdp2": Row("70b", 2, "bf16 FSDP", 1, 4096, mesh="fsdp:2",
                      remat="mlp", steps=4, warmup=1),
     "70b_peft_bnb": Row("70b", 1, "PEFT + bitsandbytes NF4", 1, 4096,
@@ -248,17 +250,6 @@ def _batch(shape, rows, seq, mesh):
   return sharding.global_batch(x, mesh), sharding.global_batch(y, mesh)
 
 
-def _host_available() -> float | None:
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
-
-
 def offloaded_bytes(row: Row, shape: dict, seq: int) -> int:
   """Bytes of pinned host memory the row's offloaded residuals take."""
   h, i = shape["hidden"], shape["inter"]
@@ -276,12 +267,12 @@ def probe_contexts(row: Row, shape: dict, on_gpu: bool, limit: float | None,
 
   Only compiles (abstract arguments, nothing allocated): the device footprint
   (arguments + temporaries) must stay under 97% of `limit` and the host
-  temporaries (offloaded residuals) under 85% of the available host memory.
+  temporaries (offloaded residuals) under `train_step.host_limit()`.
   """
   import jax
   contexts = sorted(row.contexts)
   lo, hi, best, probes = 0, len(contexts) - 1, None, []
-  host = _host_available()
+  host = ts.host_limit()
   while lo <= hi:
     mid = (lo + hi) // 2
     seq = contexts[mid]
@@ -294,7 +285,7 @@ def probe_contexts(row: Row, shape: dict, on_gpu: bool, limit: float | None,
       fp["offloaded_gib"] = offloaded_bytes(row, shape, seq) / 2**30
       device_ok = limit is None or fp.get("xla_gib", 0) * 2**30 < 0.97 * limit
       host_need = max(fp.get("xla_host_temp_gib", 0), fp["offloaded_gib"])
-      host_ok = host is None or host_need * 2**30 < 0.85 * host
+      host_ok = host is None or host_need * 2**30 < host
       fits = device_ok and host_ok
     except Exception as e:  # noqa: BLE001  (compile-time OOM and the like)
       fp, fits = {"error": str(e)[:200]}, False
@@ -335,6 +326,9 @@ def run_jlora(row: Row, tiny: bool, limit_gib: float | None) -> dict:
     out.update(probes=probes, limit_gib=(limit or 0) / 2**30)
     if seq is None:
       return dict(out, error=f"no context in {row.contexts} fits")
+    out["max_seq"] = seq
+    if row.run_at:
+      seq = min(seq, row.run_at // 1024 if tiny else row.run_at)
   mesh = (sharding.make_mesh(row.mesh, jax.devices()[:row.gpus])
           if row.mesh else None)
   rows = row.batch * (mesh.size if mesh is not None else 1)

@@ -37,6 +37,34 @@ import time
 # (the scripts run each system in a subprocess, which inherits it).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
+
+def _meminfo(key: str) -> int | None:
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith(key + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+# XLA's GPU client pins at most 64 GB of host memory unless told more, and the
+# offloading rows keep the residual stream there (70B at 64k tokens: 80 GiB).
+if _meminfo("MemAvailable"):
+  os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB",
+                        str(int(0.9 * _meminfo("MemAvailable") / 2**30)))
+
+
+def host_limit() -> float | None:
+  """Bytes of pinned host memory a step may plan on: 85% of what the host has
+  free, and no more than XLA's GPU client will pin."""
+  free = _meminfo("MemAvailable")
+  if free is None:
+    return None
+  pinned = os.environ.get("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB")
+  return min(0.85 * free, float(pinned) * 2**30 if pinned else 64e9)
+
 SHAPES = {
     # TinyLlama-1.1B shape, as in the anchors.
     "1b": dict(hidden=2048, inter=5632, layers=22, heads=32, kv_heads=4,

@@ -982,7 +982,9 @@ class CausalLM(_Options):
       at the 8B shape on an H100: 41% slower than keeping them on the GPU).
       offload=("decoder_input",) with remat="full" moves the residual
       stream, the one value a full-remat step keeps per token and layer, to
-      the host: the long-context setting (`plan_memory` estimates it).
+      the host: the long-context setting (`plan_memory` estimates it). On
+      GPUs, XLA pins at most 64 GB of host memory unless
+      XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB is set higher before JAX starts.
     mlp_chunk: run the MLP (its LoRA products included) `mlp_chunk` tokens
       at a time, forward and backward, so its (T, intermediate) activations
       exist for one chunk only; None: the whole sequence at once. Needs a

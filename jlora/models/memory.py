@@ -101,7 +101,9 @@ def plan_memory(config: ModelConfig, seq_len: int, *, batch: int = 1,
     config: the model's `ModelConfig`.
     seq_len, batch: tokens per row and rows per device.
     device_bytes, host_bytes: the budgets (None: not checked); a plan fits
-      when its estimate is under `headroom` times each.
+      when its estimate is under `headroom` times each. On GPUs the host
+      budget is also XLA's pinned-memory limit: 64 GB unless
+      XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB says more.
     dtype: the model's dtype and param_dtype.
     quantize: None or a `jlora.quantize` method ("nf4") for the base.
     rank, targets: the adapters (`jlora.apply`).
