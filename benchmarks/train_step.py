@@ -53,7 +53,7 @@ def _meminfo(key: str) -> int | None:
 # offloading rows keep the residual stream there (70B at 64k tokens: 80 GiB).
 if _meminfo("MemAvailable"):
   os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB",
-                        str(int(0.9 * _meminfo("MemAvailable") / 2**30)))
+                        str(int(0.9 * _meminfo("MemAvailable") / 1e9)))
 
 
 def host_limit() -> float | None:
@@ -63,7 +63,8 @@ def host_limit() -> float | None:
   if free is None:
     return None
   pinned = os.environ.get("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB")
-  return min(0.85 * free, float(pinned) * 2**30 if pinned else 64e9)
+  return min(0.85 * free, float(pinned) * 1e9 if pinned else 64e9)
+
 
 SHAPES = {
     # TinyLlama-1.1B shape, as in the anchors.
