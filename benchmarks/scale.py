@@ -9,6 +9,7 @@ exist are skipped with the reason printed.
   python benchmarks/scale.py                               # every row that fits
   python benchmarks/scale.py --rows 8b_1,70b_qlora --json out.json
   python benchmarks/scale.py --tiny --cpu-devices 8        # CPU smoke run
+  python benchmarks/scale.py --rows 70b_qlora_fast --profile  # copy overlap
 
 Rows:
   8b_1          Llama-3-8B shape, batch 2 x 2048, one GPU (data = fsdp here)
@@ -299,7 +300,8 @@ def probe_contexts(row: Row, shape: dict, on_gpu: bool, limit: float | None,
   return best, probes
 
 
-def run_jlora(row: Row, tiny: bool, limit_gib: float | None) -> dict:
+def run_jlora(row: Row, tiny: bool, limit_gib: float | None,
+              profile: bool = False) -> dict:
   import jax
   import jax.numpy as jnp
 
@@ -365,6 +367,17 @@ def run_jlora(row: Row, tiny: bool, limit_gib: float | None) -> dict:
   jax.block_until_ready((trainable, opt_state, timed))
   step_s = (time.perf_counter() - t0) / row.steps
   losses += [float(v) for v in timed]
+  if profile:
+    import tempfile
+
+    import trace_summary
+    with tempfile.TemporaryDirectory() as d:
+      with jax.profiler.trace(d, create_perfetto_trace=True):
+        trainable, opt_state, loss = compiled(trainable, opt_state, frozen, x,
+                                              y)
+        jax.block_until_ready((trainable, opt_state, loss))
+      out["profile"] = trace_summary.summarize(d)
+    log(f"profile {out['profile']}")
   tokens = rows * seq
   return dict(out, seq=seq, batch=rows, tokens=tokens, step_s=step_s,
               tokens_per_s=tokens / step_s, peak_gib=_peak_gib(),
@@ -491,7 +504,7 @@ def child(args) -> None:
   if row.system == "peft_bnb":
     result = run_peft_bnb(row, args.tiny)
   else:
-    result = run_jlora(row, args.tiny, args.probe_limit_gib)
+    result = run_jlora(row, args.tiny, args.probe_limit_gib, args.profile)
   print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -515,6 +528,8 @@ def _run_row(name: str, row: Row, args, env) -> dict:
     cmd.append("--tiny")
   if args.probe_limit_gib:
     cmd += ["--probe-limit-gib", str(args.probe_limit_gib)]
+  if args.profile:
+    cmd.append("--profile")
   timeout = min(row.timeout, args.timeout) if args.timeout else row.timeout
   if row.flags and not args.tiny:  # GPU flags: the CPU backend rejects them
     env = dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") + " " +
@@ -586,6 +601,10 @@ def main() -> None:
   p.add_argument("--probe-limit-gib", type=float, default=None,
                  help="device memory for the context probe (default: the"
                  " device's own limit)")
+  p.add_argument("--profile", action="store_true",
+                 help="trace one more step of each jlora row: compute and"
+                 " host-copy time per GPU, their overlap, the top kernels"
+                 " (benchmarks/trace_summary.py)")
   p.add_argument("--json", default=None, help="write results here")
   p.add_argument("--row", help=argparse.SUPPRESS)
   args = p.parse_args()

@@ -1,0 +1,111 @@
+"""Where a step's GPU time goes, from a `jax.profiler` trace.
+
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      step(...)
+    print(summarize(d))
+
+Reads the Perfetto JSON that `create_perfetto_trace=True` writes and sums,
+per device: the busy time of compute kernels and of host<->device copies
+(each the union of its events' intervals, so concurrent streams are not
+counted twice), how much of the copy time ran under compute (overlap), and
+the kernels that took longest. A host copy that does not overlap adds its
+whole time to the step.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+
+_COPY = ("memcpy", "memset", "d2h", "h2d", "copy-start", "copy-done")
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+  out: list[list[float]] = []
+  for start, end in sorted(intervals):
+    if out and start <= out[-1][1]:
+      out[-1][1] = max(out[-1][1], end)
+    else:
+      out.append([start, end])
+  return [(s, e) for s, e in out]
+
+
+def _length(intervals) -> float:
+  return sum(e - s for s, e in intervals)
+
+
+def _intersection(a, b) -> float:
+  """Total length of the overlap of two unions of intervals."""
+  i = j = 0
+  total = 0.0
+  while i < len(a) and j < len(b):
+    lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+    total += max(0.0, hi - lo)
+    if a[i][1] < b[j][1]:
+      i += 1
+    else:
+      j += 1
+  return total
+
+
+def _load(trace_dir: str) -> list[dict]:
+  paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                    recursive=True)
+  if not paths:
+    raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+  with gzip.open(max(paths, key=os.path.getmtime)) as f:
+    data = json.load(f)
+  return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def summarize(trace_dir: str, top: int = 12) -> dict:
+  """Per device: compute and copy busy ms, copy ms under compute, top kernels.
+
+  Returns {device name: {...}}; empty when the trace has no device events
+  (a CPU run).
+  """
+  events = _load(trace_dir)
+  names = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  by_thread = collections.defaultdict(list)
+  for e in events:
+    if e.get("ph") == "X" and names.get(e.get("pid"), "").startswith(
+        "/device:"):
+      by_thread[(e["pid"], e.get("tid"))].append(e)
+  # Kernels and copies sit on "Stream #N" lines; other lines of a device
+  # (XLA Ops, XLA Modules, ...) repeat them as summaries.
+  streams = {k for k in by_thread if "stream" in threads.get(k, "").lower()}
+  per = collections.defaultdict(lambda: dict(compute=[], copy=[], lines=set(),
+                                             kernels=collections.Counter()))
+  for key, evs in by_thread.items():
+    line = threads.get(key, "")
+    if streams and key not in streams:
+      continue
+    d = per[names[key[0]]]
+    d["lines"].add(line)
+    for e in evs:
+      span = (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
+      name = e.get("name", "")
+      is_copy = any(k in (name + " " + line).lower() for k in _COPY)
+      d["copy" if is_copy else "compute"].append(span)
+      if not is_copy:
+        d["kernels"][name] += span[1] - span[0]
+  out = {}
+  for device, d in sorted(per.items()):
+    compute, copy = _union(d["compute"]), _union(d["copy"])
+    everything = _union(d["compute"] + d["copy"])
+    out[device] = dict(
+        span_ms=(everything[-1][1] - everything[0][0]) / 1e3
+        if everything else 0.0,
+        compute_ms=_length(compute) / 1e3,
+        copy_ms=_length(copy) / 1e3,
+        copy_under_compute_ms=_intersection(copy, compute) / 1e3,
+        lines=sorted(d["lines"]),
+        top_kernels_ms={k: round(v / 1e3, 3)
+                        for k, v in d["kernels"].most_common(top)})
+  return out
