@@ -51,9 +51,9 @@ def _meminfo(key: str) -> int | None:
 
 # XLA's GPU client pins at most 64 GB of host memory unless told more, and the
 # offloading rows keep the residual stream there (70B at 64k tokens: 80 GiB).
-if _meminfo("MemAvailable"):
+if (_free := _meminfo("MemAvailable")) is not None:
   os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB",
-                        str(int(0.9 * _meminfo("MemAvailable") / 1e9)))
+                        str(int(0.9 * _free / 1e9)))
 
 
 def host_limit() -> float | None:

@@ -211,13 +211,14 @@ def _grouped_bwd(kernels, res, dy):
   x, w, sizes = res
   if isinstance(dy, jax.custom_derivatives.SymbolicZero):
     return None, None, None
-  # Rows past the groups neither give nor get a gradient (the kernels leave
-  # those rows of their outputs unwritten).
-  valid = (jnp.arange(dy.shape[0]) < jnp.sum(sizes))[:, None]
-  dy = jnp.where(valid, dy, jnp.zeros((), dy.dtype))
+  # dy is already 0 past the groups (`ragged_dot` masks its output there),
+  # and the weight gradient reads only rows inside them; the input gradient's
+  # rows past the groups are left unwritten by the kernels, so they are set
+  # to 0 here.
   dx = None
   if w is not None:
     dx = kernels.input_grad(dy.astype(w.dtype), w, sizes)
+    valid = (jnp.arange(dx.shape[0]) < jnp.sum(sizes))[:, None]
     dx = jnp.where(valid, dx, jnp.zeros((), dx.dtype))
   dw = None if x is None else kernels.weight_grad(x, dy.astype(x.dtype),
                                                   sizes)
