@@ -52,6 +52,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -301,7 +302,7 @@ def probe_contexts(row: Row, shape: dict, on_gpu: bool, limit: float | None,
 
 
 def run_jlora(row: Row, tiny: bool, limit_gib: float | None,
-              profile: bool = False) -> dict:
+              profile: bool = False, trace_dir: str | None = None) -> dict:
   import jax
   import jax.numpy as jnp
 
@@ -368,15 +369,20 @@ def run_jlora(row: Row, tiny: bool, limit_gib: float | None,
   step_s = (time.perf_counter() - t0) / row.steps
   losses += [float(v) for v in timed]
   if profile:
-    import tempfile
-
     import trace_summary
-    with tempfile.TemporaryDirectory() as d:
-      with jax.profiler.trace(d, create_perfetto_trace=True):
-        trainable, opt_state, loss = compiled(trainable, opt_state, frozen, x,
-                                              y)
-        jax.block_until_ready((trainable, opt_state, loss))
-      out["profile"] = trace_summary.summarize(d)
+
+    def one_step():
+      jax.block_until_ready(compiled(trainable, opt_state, frozen, x, y))
+
+    keep = None
+    if trace_dir:
+      os.makedirs(trace_dir, exist_ok=True)
+      stem = os.path.join(trace_dir, re.sub(r"[^A-Za-z0-9_.-]", "_",
+                                            row.strategy))
+      keep = stem + ".trace.json.gz"
+      with open(stem + ".hlo.txt", "w") as f:
+        f.write(compiled.as_text())
+    out["profile"] = trace_summary.profile(one_step, keep)
     log(f"profile {out['profile']}")
   tokens = rows * seq
   return dict(out, seq=seq, batch=rows, tokens=tokens, step_s=step_s,
@@ -504,7 +510,8 @@ def child(args) -> None:
   if row.system == "peft_bnb":
     result = run_peft_bnb(row, args.tiny)
   else:
-    result = run_jlora(row, args.tiny, args.probe_limit_gib, args.profile)
+    result = run_jlora(row, args.tiny, args.probe_limit_gib, args.profile,
+                       args.trace_dir)
   print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -530,6 +537,8 @@ def _run_row(name: str, row: Row, args, env) -> dict:
     cmd += ["--probe-limit-gib", str(args.probe_limit_gib)]
   if args.profile:
     cmd.append("--profile")
+  if args.trace_dir:
+    cmd += ["--trace-dir", args.trace_dir]
   timeout = min(row.timeout, args.timeout) if args.timeout else row.timeout
   if row.flags and not args.tiny:  # GPU flags: the CPU backend rejects them
     env = dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") + " " +
@@ -605,6 +614,9 @@ def main() -> None:
                  help="trace one more step of each jlora row: compute and"
                  " host-copy time per GPU, their overlap, the top kernels"
                  " (benchmarks/trace_summary.py)")
+  p.add_argument("--trace-dir", default=None,
+                 help="with --profile: keep each row's trace and compiled HLO"
+                 " here")
   p.add_argument("--json", default=None, help="write results here")
   p.add_argument("--row", help=argparse.SUPPRESS)
   args = p.parse_args()

@@ -19,6 +19,8 @@ import glob
 import gzip
 import json
 import os
+import shutil
+import tempfile
 
 _COPY = ("memcpy", "memset", "d2h", "h2d", "copy-start", "copy-done")
 
@@ -51,6 +53,26 @@ def _intersection(a, b) -> float:
   return total
 
 
+# Kernel name fragments -> category, first match wins (lower case).
+_CATEGORIES = (
+  ("attention", ("sdpa", "fmha", "flash", "cudnn")),
+  ("gemm_fp8", ("e4m3", "e5m2", "f8f8", "_f8_", "fp8")),
+  ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "dot")),
+  ("transpose", ("transpose",)),
+  ("reduce", ("reduce", "reduction")),
+  ("fusion", ("fusion", "triton")),
+)
+
+
+def category(name: str) -> str:
+  """A kernel's category by its name: attention, gemm_fp8, gemm, ..."""
+  low = name.lower()
+  for cat, keys in _CATEGORIES:
+    if any(k in low for k in keys):
+      return cat
+  return "other"
+
+
 def _load(trace_dir: str) -> list[dict]:
   paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
                     recursive=True)
@@ -61,8 +83,24 @@ def _load(trace_dir: str) -> list[dict]:
   return data["traceEvents"] if isinstance(data, dict) else data
 
 
+def _copy_line(line: str) -> bool:
+  """A stream line that only copies, e.g. "Stream #9(MemcpyD2H)" (a line
+  named "Stream #14(Memset,Compute)" also runs kernels)."""
+  kinds = line.partition("(")[2].rstrip(")").lower()
+  return bool(kinds) and "compute" not in kinds and any(
+      k in kinds for k in _COPY)
+
+
+def _by_category(kernels: collections.Counter) -> dict:
+  out = collections.Counter()
+  for name, us in kernels.items():
+    out[category(name)] += us
+  return {k: round(v / 1e3, 3) for k, v in out.most_common()}
+
+
 def summarize(trace_dir: str, top: int = 12) -> dict:
-  """Per device: compute and copy busy ms, copy ms under compute, top kernels.
+  """Per device: compute and copy busy ms, copy ms under compute, top kernels,
+  and GPU ms per HLO instruction (from the trace's "XLA Ops" line).
 
   Returns {device name: {...}}; empty when the trace has no device events
   (a CPU run).
@@ -82,8 +120,12 @@ def summarize(trace_dir: str, top: int = 12) -> dict:
   streams = {k for k in by_thread if "stream" in threads.get(k, "").lower()}
   per = collections.defaultdict(lambda: dict(compute=[], copy=[], lines=set(),
                                              kernels=collections.Counter()))
+  ops = collections.defaultdict(collections.Counter)
   for key, evs in by_thread.items():
     line = threads.get(key, "")
+    if line == "XLA Ops":  # one event per HLO instruction, by its name
+      for e in evs:
+        ops[names[key[0]]][e.get("name", "")] += float(e.get("dur", 0))
     if streams and key not in streams:
       continue
     d = per[names[key[0]]]
@@ -91,7 +133,7 @@ def summarize(trace_dir: str, top: int = 12) -> dict:
     for e in evs:
       span = (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
       name = e.get("name", "")
-      is_copy = any(k in (name + " " + line).lower() for k in _COPY)
+      is_copy = any(k in name.lower() for k in _COPY) or _copy_line(line)
       d["copy" if is_copy else "compute"].append(span)
       if not is_copy:
         d["kernels"][name] += span[1] - span[0]
@@ -106,6 +148,23 @@ def summarize(trace_dir: str, top: int = 12) -> dict:
         copy_ms=_length(copy) / 1e3,
         copy_under_compute_ms=_intersection(copy, compute) / 1e3,
         lines=sorted(d["lines"]),
+        by_category_ms=_by_category(d["kernels"]),
         top_kernels_ms={k: round(v / 1e3, 3)
-                        for k, v in d["kernels"].most_common(top)})
+                        for k, v in d["kernels"].most_common(top)},
+        hlo_ops_ms={k: round(v / 1e3, 4)
+                    for k, v in ops[device].most_common()})
   return out
+
+
+def profile(run, keep: str | None = None, top: int = 30) -> dict:
+  """`summarize` of a trace of `run()` (which must block until its device
+  work is done); `keep`: also copy the Perfetto trace to this path."""
+  import jax
+
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      run()
+    if keep:
+      shutil.copy(glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"),
+                            recursive=True)[0], keep)
+    return summarize(d, top=top)

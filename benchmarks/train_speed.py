@@ -52,6 +52,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -136,7 +137,8 @@ def _remat_arg(remat: str):
 
 
 def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
-              warmup: int, matmul: bool) -> dict:
+              warmup: int, matmul: bool, profile: bool = False,
+              hlo_dir: str | None = None) -> dict:
   import jax
   import jax.numpy as jnp
   import optax
@@ -186,6 +188,11 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   compiled = step.lower(t_shape, opt_shape, frozen_shape, inputs,
                         labels).compile()
   compile_s = time.perf_counter() - t0
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    with open(os.path.join(hlo_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".hlo.txt"),
+              "w") as f:
+      f.write(compiled.as_text())
   mem = compiled.memory_analysis()
   footprint = temp = None
   if mem is not None:
@@ -204,6 +211,12 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
     compiled, (trainable, opt_state), (frozen, inputs, labels), steps, warmup)
   stats = jax.devices()[0].memory_stats() or {}
   step_s = min(rounds)
+  trace = None
+  if profile:
+    keep = hlo_dir and os.path.join(
+        hlo_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".trace.json.gz")
+    trace = profile_step(compiled, (trainable, opt_state),
+                         (frozen, inputs, labels), keep)
   n_train = sum(x.size for x in jax.tree.leaves(trainable))
   result = dict(
     system=name, options=opts, step_s=step_s, rounds_s=rounds,
@@ -215,7 +228,19 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
     result["matmul_tflops"] = max(ts.matmul_tflops() for _ in range(2))
   if scaling is not None:
     result.update(fp8_matmul_tflops())
+  if trace is not None:
+    result["profile"] = trace
   return result
+
+
+def profile_step(compiled, state: tuple, args: tuple,
+                 keep: str | None = None) -> dict:
+  """One more step under `jax.profiler` (`trace_summary.profile`)."""
+  import jax
+
+  import trace_summary
+  return trace_summary.profile(
+      lambda: jax.block_until_ready(compiled(*state, *args)), keep)
 
 
 def lora_step(model, tx, opts: dict):
@@ -381,7 +406,7 @@ def child(args) -> None:
                              args.steps, args.warmup)
   else:
     result = run_jlora(args.system, s, args.rank, args.alpha, args.steps,
-                       args.warmup, args.matmul)
+                       args.warmup, args.matmul, args.profile, args.hlo_dir)
   print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -421,6 +446,11 @@ def report(args, results: list, tflops: float | None) -> dict:
                  f" {fp8['fp8_tn_tflops']:.0f} TFLOP/s with"
                  f" both operands K-major, {fp8['fp8_nn_tflops']:.0f} with a"
                  " row-major (K, N) kernel")
+  for r in results:
+    for device, prof in (r.get("profile") or {}).items():
+      cats = ", ".join(f"{k} {v:.1f}" for k, v in prof["by_category_ms"].items())
+      lines.append(f"{r['system']} GPU ms by kernel: {cats}"
+                   f" (busy {prof['compute_ms']:.1f} of {prof['span_ms']:.1f})")
   print("\n".join(lines), flush=True)
   return dict(shape=args.shape, config=s, rank=args.rank, alpha=args.alpha,
               steps=args.steps, warmup=args.warmup, matmul_tflops=tflops,
@@ -443,6 +473,11 @@ def main() -> None:
   p.add_argument("--budget", type=float, default=None,
                  help="seconds for the whole run; later systems are skipped")
   p.add_argument("--json", default=None, help="write results here")
+  p.add_argument("--profile", action="store_true",
+                 help="trace one more step of each jlora system: GPU time by"
+                 " kernel category and the top kernels")
+  p.add_argument("--hlo-dir", default=None,
+                 help="write each jlora system's compiled HLO here")
   p.add_argument("--system", help=argparse.SUPPRESS)
   p.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -464,6 +499,9 @@ def main() -> None:
     cmd = [sys.executable, __file__, "--shape", args.shape, "--system", name,
            "--rank", str(args.rank), "--alpha", str(args.alpha),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if not name.startswith("peft"):
+      cmd += ["--profile"] * args.profile
+      cmd += ["--hlo-dir", args.hlo_dir] if args.hlo_dir else []
     if not name.startswith("peft") and not measured:
       cmd.append("--matmul")
       measured = True
