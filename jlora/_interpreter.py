@@ -3,8 +3,8 @@
 Every equation whose inputs are plain arrays is bound as it is. Equations
 that touch a `Factored` value have a rule: matrix products are computed
 factored, layout-only ops (transpose, cast, reshape) keep the factored form,
-and calls (`jit`, `checkpoint`, `scan`) are re-entered so the kernels stay
-factored inside them. Anything else sees the fused kernel.
+and calls (`jit`, `checkpoint`, `scan`, `shard_map`) are re-entered so the
+kernels stay factored inside them. Anything else sees the fused kernel.
 """
 
 from __future__ import annotations
@@ -314,6 +314,78 @@ def _scan_rule(eqn, invals, share=True):
   return [*carry, *ys]
 
 
+def _spec_is_whole(spec, manual: frozenset) -> bool:
+  """Whether a shard_map input spec gives each device the whole value (no
+  entry names a manual axis)."""
+  for entry in spec or ():
+    names = entry if isinstance(entry, tuple) else (entry,)
+    if any(n in manual for n in names if n is not None):
+      return False
+  return True
+
+
+def _per_device_keys(rng, manual: frozenset):
+  """Dropout keys folded with the device's index along the manual axes, so
+  devices holding different rows draw different masks."""
+  index = lax.axis_index(tuple(sorted(manual)))
+  flat = rng.reshape(-1)
+  folded = jax.vmap(lambda k: jax.random.fold_in(k, index))(flat)
+  return folded.reshape(rng.shape)
+
+
+def _shard_map_rule(eqn, invals, share=True):
+  """Re-enters a `shard_map` body with its LoRA kernels kept factored.
+
+  A kernel that each device receives whole (its spec names no manual axis:
+  experts gathered for a per-device MoE routing) passes its base and
+  factors in whole; a kernel split over a manual axis is fused, since a
+  block of it is a block of the fused sum.
+  """
+  p = eqn.params
+  manual = frozenset(p.get("manual_axes", p.get("newly_manual_axes", ())))
+  jaxpr, consts = _closed(p["jaxpr"])
+  flat, specs, plan = [], [], []
+  for x, spec in zip(invals, p["in_specs"]):
+    if _is_factored(x) and _spec_is_whole(spec, manual):
+      if x.group_scales:
+        raise NotImplementedError(
+            f"'{x.path}' runs a different adapter per example, and its"
+            " kernel enters a shard_map (a Mixture-of-Experts block routing"
+            " each device's own tokens under jax.set_mesh); run one adapter"
+            " at a time (jlora.select), or trace the step without"
+            " jax.set_mesh")
+      leaves, tree = jax.tree.flatten(x)
+      plan.append((tree, len(leaves)))
+      flat += leaves
+      specs += [jax.sharding.PartitionSpec()] * len(leaves)
+    else:
+      plan.append(None)
+      flat.append(_fused(x))
+      specs.append(spec)
+
+  def body(*args):
+    vals, i = [], 0
+    for item in plan:
+      if item is None:
+        vals.append(args[i])
+        i += 1
+        continue
+      tree, n = item
+      node = jax.tree.unflatten(tree, args[i:i + n])
+      i += n
+      if node.rng is not None and manual:
+        node = node.replace(rng=_per_device_keys(node.rng, manual))
+      vals.append(node)
+    return tuple(eval_jaxpr(jaxpr, consts, vals, fuse_outputs=True,
+                            share=share))
+
+  check = p.get("check_vma", p.get("check_rep", False))
+  out = jax.shard_map(body, mesh=p["mesh"], in_specs=tuple(specs),
+                      out_specs=tuple(p["out_specs"]), axis_names=manual,
+                      check_vma=check)(*flat)
+  return list(out)
+
+
 # Equations with no adapted input that still run differently under wrap
 # (a rule returns None to bind the equation as it is): plain ragged_dots of
 # unadapted experts as grouped GEMMs.
@@ -333,6 +405,7 @@ _RULES: dict[str, Callable] = {
     "pjit": _jit_rule,
     prims.remat_p.name: _remat_rule,
     prims.scan_p.name: _scan_rule,
+    "shard_map": _shard_map_rule,
 }
 
 # Expert selection from stacked kernels (slice, squeeze, dynamic_slice,

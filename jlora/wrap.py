@@ -124,7 +124,10 @@ def wrap(fn: Callable[..., Any], *, share_inputs: bool = True,
   way. An expert selected by an index (``w[i]``, ``dynamic_slice``) uses its
   own key ``keys[i]``; experts gathered per row (``w[expert_ids]``, row
   ``t``) use ``jax.random.fold_in(keys[expert_ids[t]], t)`` over that row;
-  ``ragged_dot`` draws one mask over all rows from ``keys[0]``.
+  ``ragged_dot`` draws one mask over all rows from ``keys[0]``. Inside a
+  ``shard_map`` (a Mixture-of-Experts block routing each device's tokens
+  under `jax.set_mesh`), every key is first folded with the device's index
+  along the manual axes.
 
   Adapters that read the same input with the same contraction (q/k/v
   projections, gate/up) compute their ``x @ a`` as one product against the

@@ -158,7 +158,8 @@ def kernel_sized_ops(jaxpr, seeds, shapes) -> list[str]:
     for eqn in jaxpr.eqns:
       t = frozenset().union(*(taint.get(v, frozenset()) for v in eqn.invars
                               if not isinstance(v, jax.extend.core.Literal)))
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      subs = list(jax.extend.core.jaxprs_in_params(eqn.params))
+      for sub in subs:
         if len(sub.invars) == len(eqn.invars):
           inner = {s: taint.get(v, frozenset()) for s, v in
                    zip(sub.invars, eqn.invars)
@@ -171,7 +172,9 @@ def kernel_sized_ops(jaxpr, seeds, shapes) -> list[str]:
         shape = tuple(v.aval.shape)
         if "dot" in eqn.primitive.name and shape in shapes:
           found.append(f"{eqn.primitive.name} -> {shape}")
-        elif (t >= {"a", "b"} and math.prod(shape) in sizes
+        # A call's outputs (a scan's, a shard_map's) depend on all its
+        # inputs only as far as the walk of its body above can tell.
+        elif (t >= {"a", "b"} and math.prod(shape) in sizes and not subs
               and jnp.issubdtype(v.aval.dtype, jnp.inexact)):
           found.append(f"{eqn.primitive.name} -> {shape} from a and b")
 

@@ -85,11 +85,13 @@ def _head(params: Any, config) -> tuple[jax.Array, str]:
 
 
 def make_steps(model, tx, *, ce_chunk: int = 0, dropout_key=None,
-               out_shardings=None):
+               out_shardings=None, mesh=None):
   """Jitted `train_step(trainable, frozen, opt_state, batch, step)` (adapter
   dropout keyed by `fold_in(dropout_key, step)` when a key is given) and
   `eval_step(trainable, frozen, batch) -> (loss sum, token count)`, and the
-  LoRA-aware forward."""
+  LoRA-aware forward. With a `mesh`, both steps trace under
+  `jax.set_mesh(mesh)`, so Mixture-of-Experts blocks route each device's own
+  tokens."""
   forward = jlora.wrap(model.apply)
 
   def token_losses(trainable, frozen, batch, key):
@@ -124,7 +126,21 @@ def make_steps(model, tx, *, ce_chunk: int = 0, dropout_key=None,
     count = jnp.sum(batch["loss_mask"])
     return token_losses(trainable, frozen, batch, None) * count, count
 
-  return train_step, eval_step, forward
+  return _under(mesh, train_step), _under(mesh, eval_step), forward
+
+
+def _under(mesh, fn):
+  """`fn` called (and so traced) under `jax.set_mesh(mesh)`; `fn` itself
+  without a mesh."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+
+  return call
 
 
 def evaluate(eval_step, trainable, frozen, batches, put) -> float:

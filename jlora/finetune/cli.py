@@ -231,7 +231,7 @@ def main(argv=None) -> dict:
   train_step, eval_step, forward = _steps.make_steps(
       model, tx, ce_chunk=args.ce_chunk,
       dropout_key=key_dropout if args.dropout > 0 else None,
-      out_shardings=out_shardings)
+      out_shardings=out_shardings, mesh=mesh)
 
   batch_sharding = (None if mesh is None else NamedSharding(
       mesh, sharding.batch_spec(mesh)))

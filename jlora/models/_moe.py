@@ -25,6 +25,11 @@ The expert kernels are stacked (E, in, out), layout "bio" ("bbio" under
 `"all-linear"` (like PEFT's, which sees no `nn.Linear` there) leaves it frozen;
 `jlora.partition(tree, full="mlp/gate/weight")` trains it fully.
 
+Under `jax.set_mesh(mesh)` with batch axes ("data", "fsdp") that split the
+tokens, the block runs in a `jax.shard_map` over them, so each device
+routes, sorts and runs only its own tokens (`jlora.wrap` keeps adapted
+experts factored inside it).
+
 Each block records its routing statistics with
 `self.sow("intermediates", "router_stats", ...)`; `load_balancing_loss` turns
 them into transformers' auxiliary loss (Switch Transformer's, as
@@ -40,6 +45,7 @@ section).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -47,9 +53,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from jlora import _grouped_gemm
 from jlora.models.config import ModelConfig
+from jlora.models.sharding import BATCH_AXES
 
 _ACTIVATIONS = {
   "silu": jax.nn.silu,
@@ -102,33 +110,59 @@ class _Param(nn.Module):
     return self.param(self.leaf, init, self.shape, self.dtype)
 
 
-class Experts(nn.Module):
-  """E stacked SwiGLU/GeGLU expert MLPs over rows sorted by expert.
+def _forward(tokens, router, gate_up, down, *, k, normalize, act, dtype):
+  """(out (N, hidden) float32, experts (N, k), probs (N, E)) of the block
+  for tokens (N, hidden): route, sort the (token, expert) pairs by expert,
+  two grouped GEMMs, and combine with the routing weights."""
+  n = tokens.shape[0]
+  weights, experts, probs = route(tokens @ router.astype(dtype), k, normalize)
+  flat = experts.reshape(-1)  # (N * k,) pair p = token p // k
+  order = jnp.argsort(flat, stable=True)
+  sizes = jnp.bincount(flat, length=gate_up.shape[0]).astype(jnp.int32)
+  # A gather of the token rows: jlora.wrap follows it to tell each sorted
+  # row's example (mixed-adapter batches).
+  rows = tokens[order // k]
+  y = _grouped_gemm.ragged_dot(rows, gate_up.astype(dtype), sizes)
+  gate, up = jnp.split(checkpoint_name(y, "gate_up_proj"), 2, axis=-1)
+  y = _grouped_gemm.ragged_dot(act(gate) * up, down.astype(dtype), sizes)
+  y = checkpoint_name(y, "down_proj")
+  y = jnp.zeros_like(y).at[order].set(y, unique_indices=True)
+  y = y.reshape(n, k, -1).astype(jnp.float32)
+  return jnp.einsum("nkh,nk->nh", y, weights), experts, probs
 
-  `rows` (R, hidden) hold `sizes[0]` rows for expert 0, then `sizes[1]` for
-  expert 1, ...; returns (R, hidden). Two grouped GEMMs (`lax.ragged_dot`;
-  Hopper's grouped GEMM kernels outside `jlora.wrap`, see
-  `jlora._grouped_gemm`), their outputs tagged "gate_up_proj" and
-  "down_proj" for remat policies.
-  """
+
+def batch_axes(rows: int) -> tuple[str, ...]:
+  """Axes of JAX's current mesh (`jax.set_mesh`) that split `rows` tokens:
+  its batch axes ("data", "fsdp") of size > 1 that are not already manual,
+  if they divide `rows` evenly; () otherwise (no mesh set)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  manual = set(getattr(mesh, "manual_axes", ()))
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names
+               and mesh.shape[a] > 1 and a not in manual)
+  if not axes or rows % math.prod(mesh.shape[a] for a in axes):
+    return ()
+  return axes
+
+
+class Experts(nn.Module):
+  """The E stacked SwiGLU/GeGLU expert kernels, in transformers' names:
+  returns (gate_up_proj (E, hidden, 2 inner), down_proj (E, inner,
+  hidden))."""
 
   config: ModelConfig
-  dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, rows: jax.Array, sizes: jax.Array) -> jax.Array:
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
     c = self.config
     e, h, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
     std = c.initializer_range
     gate_up = _Param((e, h, 2 * f), self.param_dtype, std,
                      name="gate_up_proj")()
     down = _Param((e, f, h), self.param_dtype, std, name="down_proj")()
-    y = _grouped_gemm.ragged_dot(rows, gate_up.astype(self.dtype), sizes)
-    gate, up = jnp.split(checkpoint_name(y, "gate_up_proj"), 2, axis=-1)
-    hidden = _ACTIVATIONS[c.hidden_act](gate) * up
-    y = _grouped_gemm.ragged_dot(hidden, down.astype(self.dtype), sizes)
-    return checkpoint_name(y, "down_proj")
+    return gate_up, down
 
 
 class SparseMoE(nn.Module):
@@ -136,8 +170,18 @@ class SparseMoE(nn.Module):
 
   Call: `block(x, valid=None)` with x (B, T, hidden) and `valid` (B, T) bool
   (the real tokens, for the routing statistics only; None: all). Returns
-  (B, T, hidden) in `dtype`. Expert outputs are combined in float32 with the
-  routing weights.
+  (B, T, hidden) in `dtype`. The (token, expert) pairs are sorted by expert
+  and each projection runs as one grouped GEMM (`lax.ragged_dot`; Hopper's
+  grouped GEMM kernels, see `jlora._grouped_gemm`), outputs tagged
+  "gate_up_proj" and "down_proj" for remat policies. Expert outputs are
+  combined in float32 with the routing weights.
+
+  Under a mesh set with `jax.set_mesh` whose batch axes ("data", "fsdp")
+  split the tokens, each device routes, sorts and runs only its own tokens
+  (a `jax.shard_map` over those axes; the kernels are gathered whole on each
+  device). Without one, one sort spans every token: on a batch-sharded mesh
+  XLA then gathers the routing to every device, and each device runs the
+  experts for the whole batch.
   """
 
   config: ModelConfig
@@ -148,23 +192,20 @@ class SparseMoE(nn.Module):
   def __call__(self, x: jax.Array, valid: jax.Array | None = None):
     c = self.config
     b, t, h = x.shape
-    e, k = c.num_experts, c.num_experts_per_tok
-    router = _Param((h, e), self.param_dtype, c.initializer_range,
-                    leaf="weight", name="gate")()
-    tokens = x.reshape(b * t, h)
-    logits = tokens @ router.astype(self.dtype)
-    weights, experts, probs = route(logits, k, c.norm_topk_prob)
+    router = _Param((h, c.num_experts), self.param_dtype,
+                    c.initializer_range, leaf="weight", name="gate")()
+    gate_up, down = Experts(c, self.param_dtype, name="experts")()
+    forward = functools.partial(
+        _forward, k=c.num_experts_per_tok, normalize=c.norm_topk_prob,
+        act=_ACTIVATIONS[c.hidden_act], dtype=self.dtype)
+    axes = batch_axes(b * t)
+    if axes:
+      rows = P(axes)
+      forward = jax.shard_map(
+          forward, in_specs=(rows, P(), P(), P()), out_specs=(rows,) * 3,
+          axis_names=frozenset(axes), check_vma=False)
+    out, experts, probs = forward(x.reshape(b * t, h), router, gate_up, down)
     self._record(experts, probs, valid)
-    flat = experts.reshape(-1)  # (N * k,) pair p = token p // k
-    order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    # A gather of the token rows: jlora.wrap follows it to tell each sorted
-    # row's example (mixed-adapter batches).
-    rows = tokens[order // k]
-    y = Experts(c, self.dtype, self.param_dtype, name="experts")(rows, sizes)
-    y = jnp.zeros_like(y).at[order].set(y, unique_indices=True)
-    y = y.reshape(b * t, k, h).astype(jnp.float32)
-    out = jnp.einsum("nkh,nk->nh", y, weights)
     return out.astype(self.dtype).reshape(b, t, h)
 
   def _record(self, experts, probs, valid):
