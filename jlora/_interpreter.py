@@ -333,6 +333,14 @@ def _per_device_keys(rng, manual: frozenset):
   return folded.reshape(rng.shape)
 
 
+def _pvary_rule(eqn, invals, share=True):
+  """`pvary` (inside a `shard_map`: a value made device-varying before it
+  meets a varying one) marks every array of a factored kernel."""
+  one = lambda v: bind(eqn, [v])[0]
+  return [jax.tree.map(one, x) if _is_factored(x) else one(x)
+          for x in invals]
+
+
 def _shard_map_rule(eqn, invals, share=True):
   """Re-enters a `shard_map` body with its LoRA kernels kept factored.
 
@@ -406,6 +414,7 @@ _RULES: dict[str, Callable] = {
     prims.remat_p.name: _remat_rule,
     prims.scan_p.name: _scan_rule,
     "shard_map": _shard_map_rule,
+    "pvary": _pvary_rule,
 }
 
 # Expert selection from stacked kernels (slice, squeeze, dynamic_slice,

@@ -472,3 +472,41 @@ def test_vmap_over_dropout_keys():
     np.testing.assert_array_equal(np.asarray(many[i]), np.asarray(
         f({"w": node}, x, lora_rng=keys[i])))
   assert not np.array_equal(np.asarray(many[0]), np.asarray(many[1]))
+
+
+def test_shard_map_bodies_compute_with_the_adapted_kernels():
+  # One kernel each device gets whole (kept factored: no dot forms a
+  # (16, 12) kernel) and one split over the manual axis (fused there).
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((8,), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  ks = jax.random.split(KEY, 3)
+  params = {"whole": {"kernel": jax.random.normal(ks[0], (16, 12))},
+            "split": {"kernel": jax.random.normal(ks[1], (16, 8))}}
+  lp = randomize_b(jlora.apply(params, rank=2, key=ks[2]), KEY)
+  rows = np.asarray(jax.random.normal(ks[2], (8, 16)), np.float32)
+
+  def fn(p, x):
+    body = lambda xr, xa, w, v: (xr @ w, xa @ v)
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(P("data"), P(), P(), P(None, "data")),
+        out_specs=(P("data"), P(None, "data")))(
+            x, x, p["whole"]["kernel"], p["split"]["kernel"])
+
+  got = jax.jit(jlora.wrap(fn))(lp, rows)
+  ref = np_merge(lp)
+  np.testing.assert_allclose(got[0], rows @ ref["whole"]["kernel"], rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(got[1], rows @ ref["split"]["kernel"], rtol=1e-5,
+                             atol=1e-5)
+  jaxpr = jax.make_jaxpr(jlora.wrap(fn))(lp, rows).jaxpr
+  assert (16, 12) not in dot_outputs(jaxpr)
+
+  trainable, frozen = jlora.partition(lp)
+  loss = lambda f: lambda t: sum(jnp.sum(jnp.sin(y)) for y in f(
+      jlora.combine(t, frozen), rows))
+  got = jax.jit(jax.grad(loss(jlora.wrap(fn))))(trainable)
+  want = jax.jit(jax.grad(loss(lambda p, x: fn(jlora.merge(p), x))))(
+      trainable)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
