@@ -5,6 +5,8 @@ is its own), one after another; then a table and JSON are printed.
 
   python benchmarks/moe_step.py --shape 30b                     # one H200
   python benchmarks/moe_step.py --shape tiny                    # CPU smoke run
+  python benchmarks/moe_step.py --shape 30b --systems \
+      "mlp,mlp/mesh=data:2,mlp/mesh=data:2/setmesh=0"           # 2 GPUs
   python benchmarks/moe_step.py --shape 30b --probe mosaic,cudnn,xla
       # the grouped product alone at the expert shapes, per GPU lowering
 
@@ -44,6 +46,12 @@ Systems:
                             (E = 128 times the expert FLOPs and memory)
                   Each jlora result records which kernels its compiled HLO
                   holds ("hlo"), so a lowering that did not engage shows.
+                  "/mesh=data:2" runs data parallel over 2 devices (params
+                  replicated, `batch` rows per device, tokens/s global),
+                  tracing under `jax.set_mesh` so that each device routes its
+                  own tokens; "/setmesh=0" traces without it (one routing
+                  over the global batch: the behaviour before per-device
+                  routing).
 
 Same step for all: batch x seq random tokens, next-token cross-entropy, AdamW
 (lr 1e-4), LoRA r=16 alpha=32 on q, k, v, o and both expert projections of
@@ -126,12 +134,18 @@ def floor_flops(s: dict) -> float:
 
 
 def parse_system(name: str) -> dict:
-  """A train_speed system spec plus this benchmark's "ragged=..." part."""
+  """A train_speed system spec plus this benchmark's "ragged=...",
+  "mesh=..." and "setmesh=..." parts."""
+  own = ("ragged=", "mesh=", "setmesh=")
   parts = name.split("/")
-  ragged = [p.partition("=")[2] for p in parts if p.startswith("ragged=")]
-  rest = "/".join(p for p in parts if not p.startswith("ragged="))
+  extra = {p.partition("=")[0]: p.partition("=")[2] for p in parts
+           if p.startswith(own)}
+  rest = "/".join(p for p in parts if not p.startswith(own))
   opts = train_speed.parse_system(rest)
-  opts["ragged"] = ragged[-1] if ragged else "auto"
+  opts["ragged"] = extra.get("ragged", "auto")
+  if "mesh" in extra:
+    opts["mesh"] = extra["mesh"]
+    opts["setmesh"] = int(extra.get("setmesh", "1"))
   if opts["ragged"] not in RAGGED:
     raise SystemExit(f"ragged={opts['ragged']!r}; choose one of {RAGGED}")
   return opts
@@ -225,7 +239,13 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
                    tuple(x for x in opts.get("offload", "").split("+") if x))
   tx = optax.adamw(1e-4)
   key = jax.random.key(0)
-  ids = jax.random.randint(key, (s["batch"], s["seq"] + 1), 0, s["vocab"])
+  mesh = None
+  rows = s["batch"]
+  if "mesh" in opts:  # data parallel: the batch per device, params replicated
+    from jlora.models import sharding
+    mesh = sharding.make_mesh(opts["mesh"])
+    rows *= mesh.size
+  ids = jax.random.randint(key, (rows, s["seq"] + 1), 0, s["vocab"])
   inputs, labels = ids[:, :-1], ids[:, 1:]
 
   def log(msg):
@@ -234,6 +254,12 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
 
   start = t0 = time.perf_counter()
   params = random_params(model, key, inputs[:1, :8])
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    inputs, labels = (jax.device_put(
+        a, NamedSharding(mesh, sharding.batch_spec(mesh))) for a in
+        (inputs, labels))
   log("params drawn")
   lp = jlora.apply(params, rank=rank, alpha=alpha, key=key,
                    targets=JLORA_TARGETS)
@@ -248,7 +274,12 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   step = train_speed.lora_step(model, tx, opts)
 
   t0 = time.perf_counter()
-  lowered = step.lower(trainable, opt_state, frozen, inputs, labels)
+  if mesh is not None and opts["setmesh"]:
+    # MoE blocks route each device's own tokens (jlora.models._moe).
+    with jax.set_mesh(mesh):
+      lowered = step.lower(trainable, opt_state, frozen, inputs, labels)
+  else:
+    lowered = step.lower(trainable, opt_state, frozen, inputs, labels)
   log("traced and lowered")
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
@@ -262,7 +293,8 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   step_s = min(rounds)
   return dict(
     system=name, options=opts, ragged=lowering, hlo=hlo, step_s=step_s,
-    rounds_s=rounds, tokens_per_s=s["batch"] * s["seq"] / step_s,
+    rounds_s=rounds, tokens_per_s=rows * s["seq"] / step_s,
+    devices=1 if mesh is None else mesh.size,
     peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30, temp_gib=temp,
     init_s=init_s, compile_s=compile_s, loss_first=losses[0],
     loss_last=losses[-1],
