@@ -27,8 +27,6 @@ from test_models_moe import EXPERTS, K, hf_config
 
 ROWS, T = 8, 12
 IDS = np.random.RandomState(1).randint(0, 128, (ROWS, T + 1))
-
-
 ALL = r"self_attn/(q|k|v|o)_proj/kernel|" + EXPERTS
 
 
