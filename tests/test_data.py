@@ -170,6 +170,33 @@ def test_bad_examples_name_file_and_line(tok, tmp_path, rows, fmt, line,
     jd.load(path, tok, format=fmt, cache_dir=None, verbose=False)
 
 
+def test_token_ids_past_the_models_vocabulary_name_the_example():
+  from jlora.data.dataset import from_examples
+  ids = [[1, 2, 3], [1, 50, 2], [60, 60]]
+  ds = from_examples([(np.array(x, np.int32), np.ones(len(x), bool))
+                      for x in ids], np.array([4, 7, 9]), "x.jsonl", "line",
+                     "text")
+  ds.check_vocab(61)
+  with pytest.raises(jd.DataError, match=r"x\.jsonl:7: token id 50 is"
+                     r" outside the model's vocabulary of 50 \(3 such"):
+    ds.check_vocab(50)
+  with pytest.raises(jd.DataError, match=r"x\.jsonl:9: token id 60"):
+    ds.check_vocab(51)
+
+
+def test_finetune_refuses_a_tokenizer_larger_than_the_model(monkeypatch):
+  import dataclasses
+
+  from jlora.finetune import _steps, cli
+  small = dataclasses.replace(_steps.DEMO_CONFIG, vocab_size=100)
+  monkeypatch.setattr(_steps, "DEMO_CONFIG", small)
+  with pytest.raises(SystemExit, match=r"demo.*outside the model's"
+                     r" vocabulary of 100"):
+    monkeypatch.setattr("sys.argv", ["jlora-finetune", "--steps", "1",
+                                     "--cache-dir", "none"])
+    cli.run()
+
+
 def test_missing_chat_template_is_a_clear_error(tmp_path):
   no_template = jd.byte_tokenizer(chat_template=None)
   path = write_jsonl(tmp_path / "c.jsonl", [chat("q", "a")])

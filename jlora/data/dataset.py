@@ -67,6 +67,24 @@ class Tokenized:
     """'file.jsonl:12': where example i came from."""
     return where(self.source, int(self.lines[i]), self.unit)
 
+  def check_vocab(self, vocab_size: int) -> None:
+    """Raises DataError, naming the first example, unless every token id is
+    in [0, vocab_size): ids from a tokenizer that is not the model's would
+    index past its embedding, which under `jit` gives NaN, not an error.
+
+    Examples:
+      >>> ds.check_vocab(model.config.vocab_size)
+    """
+    bad = np.flatnonzero((self.tokens < 0) | (self.tokens >= vocab_size))
+    if bad.size:
+      i = int(np.searchsorted(self.offsets, bad[0], side="right")) - 1
+      raise DataError(
+          self.source, int(self.lines[i]),
+          f"token id {int(self.tokens[bad[0]])} is outside the model's"
+          f" vocabulary of {vocab_size} ({bad.size:,} such tokens in the"
+          " data): the tokenizer does not belong to this model; use the"
+          " model's own tokenizer", self.unit)
+
   def select(self, indices) -> Tokenized:
     """The examples at `indices`, in that order."""
     indices = np.asarray(indices, np.int64)

@@ -150,7 +150,7 @@ def _check(args) -> None:
     raise SystemExit("--bf16 needs --model (the demo model is float32)")
 
 
-def _data(args, tokenizer, shard):
+def _data(args, tokenizer, shard, vocab_size):
   """Training rows and held-out batches, with what was done printed."""
   if args.chat_template:
     with open(args.chat_template, encoding="utf-8") as f:
@@ -160,6 +160,7 @@ def _data(args, tokenizer, shard):
       source, tokenizer, format=args.format,
       train_on_prompt=args.train_on_prompt,
       cache_dir=None if args.cache_dir == "none" else args.cache_dir)
+  ds.check_vocab(vocab_size)
   policy = args.truncation
   if policy == "auto":
     policy = "split" if ds.format == "text" else "right"
@@ -199,7 +200,7 @@ def main(argv=None) -> dict:
 
   model, params, tokenizer = _steps.load_model(args, mesh)
   _, heldout, rows, eval_batches, report, pack_stats = _data(
-      args, tokenizer, shard)
+      args, tokenizer, shard, model.config.vocab_size)
 
   key_lora, key_sample, key_dropout = jax.random.split(
       jax.random.key(args.seed + 1), 3)
