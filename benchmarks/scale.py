@@ -52,7 +52,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -377,8 +376,7 @@ def run_jlora(row: Row, tiny: bool, limit_gib: float | None,
     keep = None
     if trace_dir:
       os.makedirs(trace_dir, exist_ok=True)
-      stem = os.path.join(trace_dir, re.sub(r"[^A-Za-z0-9_.-]", "_",
-                                            row.strategy))
+      stem = os.path.join(trace_dir, trace_summary.file_stem(row.strategy))
       keep = stem + ".trace.json.gz"
       with open(stem + ".hlo.txt", "w") as f:
         f.write(compiled.as_text())

@@ -19,6 +19,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -99,8 +100,8 @@ def _by_category(kernels: collections.Counter) -> dict:
 
 
 def summarize(trace_dir: str, top: int = 12) -> dict:
-  """Per device: compute and copy busy ms, copy ms under compute, top kernels,
-  and GPU ms per HLO instruction (from the trace's "XLA Ops" line).
+  """Per device: compute and copy busy ms, copy ms under compute, GPU ms by
+  kernel category, and the top kernels.
 
   Returns {device name: {...}}; empty when the trace has no device events
   (a CPU run).
@@ -120,12 +121,8 @@ def summarize(trace_dir: str, top: int = 12) -> dict:
   streams = {k for k in by_thread if "stream" in threads.get(k, "").lower()}
   per = collections.defaultdict(lambda: dict(compute=[], copy=[], lines=set(),
                                              kernels=collections.Counter()))
-  ops = collections.defaultdict(collections.Counter)
   for key, evs in by_thread.items():
     line = threads.get(key, "")
-    if line == "XLA Ops":  # one event per HLO instruction, by its name
-      for e in evs:
-        ops[names[key[0]]][e.get("name", "")] += float(e.get("dur", 0))
     if streams and key not in streams:
       continue
     d = per[names[key[0]]]
@@ -150,10 +147,13 @@ def summarize(trace_dir: str, top: int = 12) -> dict:
         lines=sorted(d["lines"]),
         by_category_ms=_by_category(d["kernels"]),
         top_kernels_ms={k: round(v / 1e3, 3)
-                        for k, v in d["kernels"].most_common(top)},
-        hlo_ops_ms={k: round(v / 1e3, 4)
-                    for k, v in ops[device].most_common()})
+                        for k, v in d["kernels"].most_common(top)})
   return out
+
+
+def file_stem(name: str) -> str:
+  """`name` (a system or row) as a file name: other characters become _."""
+  return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 def profile(run, keep: str | None = None, top: int = 30) -> dict:

@@ -52,7 +52,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -188,10 +187,12 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   compiled = step.lower(t_shape, opt_shape, frozen_shape, inputs,
                         labels).compile()
   compile_s = time.perf_counter() - t0
+  stem = None
   if hlo_dir:
+    import trace_summary
     os.makedirs(hlo_dir, exist_ok=True)
-    with open(os.path.join(hlo_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".hlo.txt"),
-              "w") as f:
+    stem = os.path.join(hlo_dir, trace_summary.file_stem(name))
+    with open(stem + ".hlo.txt", "w") as f:
       f.write(compiled.as_text())
   mem = compiled.memory_analysis()
   footprint = temp = None
@@ -213,10 +214,9 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   step_s = min(rounds)
   trace = None
   if profile:
-    keep = hlo_dir and os.path.join(
-        hlo_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".trace.json.gz")
     trace = profile_step(compiled, (trainable, opt_state),
-                         (frozen, inputs, labels), keep)
+                         (frozen, inputs, labels),
+                         stem and stem + ".trace.json.gz")
   n_train = sum(x.size for x in jax.tree.leaves(trainable))
   result = dict(
     system=name, options=opts, step_s=step_s, rounds_s=rounds,
