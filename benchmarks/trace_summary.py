@@ -168,3 +168,84 @@ def profile(run, keep: str | None = None, top: int = 30) -> dict:
       shutil.copy(glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"),
                             recursive=True)[0], keep)
     return summarize(d, top=top)
+
+
+# -- kernels by what they do, with the compiled HLO ---------------------------
+
+def _kernel_times(trace_path: str) -> collections.Counter:
+  with gzip.open(trace_path) as f:
+    data = json.load(f)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  out = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and "stream" in threads.get(
+        (e["pid"], e.get("tid")), "").lower():
+      out[e["name"]] += float(e.get("dur", 0)) / 1e3
+  return out
+
+
+def _hlo_defs(hlo_path: str) -> dict[str, str]:
+  defs = {}
+  with open(hlo_path) as f:
+    for line in f:
+      m = re.match(r"\s*(?:ROOT )?%(\S+) = (.*)$", line)
+      if m:
+        defs.setdefault(m.group(1), m.group(2))
+  return defs
+
+
+def role(kernel: str, defs: dict[str, str]) -> str:
+  """What a kernel of a LoRA training step does, from its name and, for
+  XLA's fusions, the HLO instruction of that name (its output type and the
+  JAX op it came from). cuBLASLt's kernels: "qq" in the name reads e4m3
+  operands; "tss" writes float32 (the head's logits in these steps)."""
+  m = re.match(r"(.*)_(\d+)$", kernel)
+  names = ([f"{m.group(1)}.{m.group(2)}"] if m else []) + [kernel]
+  hlo = next((defs[n] for n in names if n in defs), "")
+  out_type = hlo.split(" fusion(")[0]
+  op = re.search(r'op_name="([^"]*)"', hlo)
+  op = op.group(1) if op else ""
+  if "nvjet" in kernel and "qq" in kernel:
+    return "GEMM, e4m3 operands"
+  if "nvjet" in kernel and "_tss_" in kernel:
+    return "GEMM, float32 output (LM head)"
+  if "nvjet" in kernel or "xmma" in kernel:
+    return "GEMM, bf16"
+  if "gemm_fusion" in kernel:
+    return "Triton GEMM fusions (LoRA products)"
+  if any(k in kernel for k in ("sdpa", "cudnn", "fmha")):
+    return "attention (cuDNN)"
+  if "memcpy" in kernel or "transpose" in kernel or (
+      "dynamic_slice" in kernel and "f8e4m3" in out_type):
+    return "weight slices and transposes"
+  if "f8e4m3" in out_type or "reduce_max" in op:
+    return "FP8 quantization (with what fuses into it)"
+  if "dynamic_update_slice" in kernel or "broadcast" in kernel:
+    return "saving residuals"
+  return "other (norms, activations, adds, loss, optimizer)"
+
+
+def by_role(trace_path: str, hlo_path: str) -> dict[str, float]:
+  """GPU ms of one traced step by `role`, from a kept trace and its HLO
+  (`train_speed.py --profile --hlo-dir DIR` writes both)."""
+  defs = _hlo_defs(hlo_path)
+  out = collections.Counter()
+  for kernel, ms in _kernel_times(trace_path).items():
+    out[role(kernel, defs)] += ms
+  return {k: round(v, 1) for k, v in out.most_common()}
+
+
+if __name__ == "__main__":
+  import sys
+
+  # trace_summary.py TRACE.json.gz STEP.hlo.txt [TRACE2 HLO2]: a table.
+  args = sys.argv[1:]
+  runs = [by_role(args[i], args[i + 1]) for i in range(0, len(args), 2)]
+  roles = sorted({k for r in runs for k in r}, key=lambda k: -sum(
+      r.get(k, 0.0) for r in runs))
+  for k in roles + ["all kernels"]:
+    vals = [sum(r.values()) if k == "all kernels" else r.get(k, 0.0)
+            for r in runs]
+    print(f"| {k} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
