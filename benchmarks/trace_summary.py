@@ -188,7 +188,8 @@ def _kernel_times(trace_path: str) -> collections.Counter:
 
 def _hlo_defs(hlo_path: str) -> dict[str, str]:
   defs = {}
-  with open(hlo_path) as f:
+  opener = gzip.open if hlo_path.endswith(".gz") else open
+  with opener(hlo_path, "rt") as f:
     for line in f:
       m = re.match(r"\s*(?:ROOT )?%(\S+) = (.*)$", line)
       if m:
