@@ -184,7 +184,8 @@ def test_token_ids_past_the_models_vocabulary_name_the_example():
     ds.check_vocab(51)
 
 
-def test_finetune_refuses_a_tokenizer_larger_than_the_model(monkeypatch):
+def test_finetune_refuses_a_tokenizer_larger_than_the_model(monkeypatch,
+                                                           tmp_path):
   import dataclasses
 
   from jlora.finetune import _steps, cli
@@ -193,7 +194,8 @@ def test_finetune_refuses_a_tokenizer_larger_than_the_model(monkeypatch):
   with pytest.raises(SystemExit, match=r"demo.*outside the model's"
                      r" vocabulary of 100"):
     monkeypatch.setattr("sys.argv", ["jlora-finetune", "--steps", "1",
-                                     "--cache-dir", "none"])
+                                     "--cache-dir", "none", "--out",
+                                     str(tmp_path)])
     cli.run()
 
 
