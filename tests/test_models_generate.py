@@ -147,6 +147,19 @@ def test_apply_fn_is_used():
   assert (np.asarray(got[:, 5:]) == 42).all()
 
 
+def test_ids_past_the_vocabulary_are_refused():
+  _, model, params = make("llama")
+  vocab = model.config.vocab_size
+  bad = np.array(PROMPTS)
+  bad[1, 2] = vocab
+  with pytest.raises(ValueError, match=rf"ids in \[\d+, {vocab}\] but the"
+                     rf" model's vocabulary has {vocab}"):
+    generate(model, params, jnp.asarray(bad), max_new_tokens=2)
+  bad[1, 2] = -1
+  with pytest.raises(ValueError, match=r"ids in \[-1, "):
+    generate(model, params, jnp.asarray(bad), max_new_tokens=2)
+
+
 def test_lora_via_wrap_matches_merged():
   jlora = pytest.importorskip("jlora")
   _, model, params = make("qwen2", scan_layers=True)

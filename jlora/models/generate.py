@@ -96,12 +96,25 @@ def generate(
       `apply_fn({"params": params}, ids, positions=, attention_mask=, cache=)`
       and must return `(logits, cache)`.
 
+  Raises:
+    ValueError: `input_ids` outside [0, vocab_size) (a tokenizer that is not
+      the model's; the embedding lookup would give NaN logits), or
+      `temperature > 0` without a `key`.
+
   Examples:
     >>> out = generate(model, params, prompt, max_new_tokens=32)
     >>> out = generate(model, lora_params, prompt, max_new_tokens=32,
     ...                apply_fn=jlora.wrap(model.apply))
   """
   input_ids = jnp.asarray(input_ids, jnp.int32)
+  vocab = model.config.vocab_size
+  if not isinstance(input_ids, jax.core.Tracer) and input_ids.size and (
+      int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+    # Past the embedding, a lookup gives NaN logits, not an error.
+    raise ValueError(
+      f"input_ids hold ids in [{int(input_ids.min())},"
+      f" {int(input_ids.max())}] but the model's vocabulary has {vocab};"
+      " tokenize with the model's own tokenizer")
   if max_new_tokens <= 0:
     return input_ids
   if attention_mask is None:
