@@ -373,14 +373,9 @@ def run_jlora(row: Row, tiny: bool, limit_gib: float | None,
     def one_step():
       jax.block_until_ready(compiled(trainable, opt_state, frozen, x, y))
 
-    keep = None
-    if trace_dir:
-      os.makedirs(trace_dir, exist_ok=True)
-      stem = os.path.join(trace_dir, trace_summary.file_stem(row.strategy))
-      keep = stem + ".trace.json.gz"
-      with open(stem + ".hlo.txt", "w") as f:
-        f.write(compiled.as_text())
-    out["profile"] = trace_summary.profile(one_step, keep)
+    stem = trace_dir and trace_summary.save_hlo(trace_dir, row.strategy,
+                                                compiled)
+    out["profile"] = trace_summary.profile(one_step, stem)
     log(f"profile {out['profile']}")
   tokens = rows * seq
   return dict(out, seq=seq, batch=rows, tokens=tokens, step_s=step_s,

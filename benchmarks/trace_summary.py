@@ -10,6 +10,12 @@ per device: the busy time of compute kernels and of host<->device copies
 counted twice), how much of the copy time ran under compute (overlap), and
 the kernels that took longest. A host copy that does not overlap adds its
 whole time to the step.
+
+`by_role` does more with a kept trace and the step's compiled HLO (both
+written by `train_speed.py --profile --hlo-dir DIR`): it sums the kernels by
+what they do, matching XLA's fusions to their HLO instructions:
+
+    python benchmarks/trace_summary.py A.trace.json.gz A.hlo.txt [B... B...]
 """
 
 from __future__ import annotations
@@ -54,34 +60,22 @@ def _intersection(a, b) -> float:
   return total
 
 
-# Kernel name fragments -> category, first match wins (lower case).
-_CATEGORIES = (
-  ("attention", ("sdpa", "fmha", "flash", "cudnn")),
-  ("gemm_fp8", ("e4m3", "e5m2", "f8f8", "_f8_", "fp8")),
-  ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "dot")),
-  ("transpose", ("transpose",)),
-  ("reduce", ("reduce", "reduction")),
-  ("fusion", ("fusion", "triton")),
-)
-
-
-def category(name: str) -> str:
-  """A kernel's category by its name: attention, gemm_fp8, gemm, ..."""
-  low = name.lower()
-  for cat, keys in _CATEGORIES:
-    if any(k in low for k in keys):
-      return cat
-  return "other"
-
-
-def _load(trace_dir: str) -> list[dict]:
+def _trace_path(trace_dir: str) -> str:
   paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
                     recursive=True)
   if not paths:
     raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
-  with gzip.open(max(paths, key=os.path.getmtime)) as f:
+  return max(paths, key=os.path.getmtime)
+
+
+def _events(path: str) -> tuple[list[dict], dict]:
+  """(events, thread names by (pid, tid)) of a Perfetto JSON trace."""
+  with gzip.open(path) as f:
     data = json.load(f)
-  return data["traceEvents"] if isinstance(data, dict) else data
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  return events, threads
 
 
 def _copy_line(line: str) -> bool:
@@ -92,25 +86,23 @@ def _copy_line(line: str) -> bool:
       k in kinds for k in _COPY)
 
 
-def _by_category(kernels: collections.Counter) -> dict:
+def _by_role(kernels: collections.Counter, defs: dict[str, str]) -> dict:
   out = collections.Counter()
-  for name, us in kernels.items():
-    out[category(name)] += us
-  return {k: round(v / 1e3, 3) for k, v in out.most_common()}
+  for name, ms in kernels.items():
+    out[role(name, defs)] += ms
+  return {k: round(v, 1) for k, v in out.most_common()}
 
 
 def summarize(trace_dir: str, top: int = 12) -> dict:
   """Per device: compute and copy busy ms, copy ms under compute, GPU ms by
-  kernel category, and the top kernels.
+  `role` (read from kernel names alone), and the top kernels.
 
   Returns {device name: {...}}; empty when the trace has no device events
   (a CPU run).
   """
-  events = _load(trace_dir)
+  events, threads = _events(_trace_path(trace_dir))
   names = {e["pid"]: e["args"]["name"] for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
-  threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
   by_thread = collections.defaultdict(list)
   for e in events:
     if e.get("ph") == "X" and names.get(e.get("pid"), "").startswith(
@@ -133,7 +125,7 @@ def summarize(trace_dir: str, top: int = 12) -> dict:
       is_copy = any(k in name.lower() for k in _COPY) or _copy_line(line)
       d["copy" if is_copy else "compute"].append(span)
       if not is_copy:
-        d["kernels"][name] += span[1] - span[0]
+        d["kernels"][name] += (span[1] - span[0]) / 1e3  # ms
   out = {}
   for device, d in sorted(per.items()):
     compute, copy = _union(d["compute"]), _union(d["copy"])
@@ -145,39 +137,42 @@ def summarize(trace_dir: str, top: int = 12) -> dict:
         copy_ms=_length(copy) / 1e3,
         copy_under_compute_ms=_intersection(copy, compute) / 1e3,
         lines=sorted(d["lines"]),
-        by_category_ms=_by_category(d["kernels"]),
-        top_kernels_ms={k: round(v / 1e3, 3)
+        by_role_ms=_by_role(d["kernels"], {}),
+        top_kernels_ms={k: round(v, 3)
                         for k, v in d["kernels"].most_common(top)})
   return out
 
 
-def file_stem(name: str) -> str:
-  """`name` (a system or row) as a file name: other characters become _."""
-  return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+def save_hlo(directory: str, name: str, compiled) -> str:
+  """Writes `compiled`'s HLO to DIR/STEM.hlo.txt, STEM being `name` with
+  characters other than [A-Za-z0-9_.-] as _; returns DIR/STEM, where
+  `profile` can keep the trace beside it."""
+  os.makedirs(directory, exist_ok=True)
+  stem = os.path.join(directory, re.sub(r"[^A-Za-z0-9_.-]", "_", name))
+  with open(stem + ".hlo.txt", "w") as f:
+    f.write(compiled.as_text())
+  return stem
 
 
 def profile(run, keep: str | None = None, top: int = 30) -> dict:
   """`summarize` of a trace of `run()` (which must block until its device
-  work is done); `keep`: also copy the Perfetto trace to this path."""
+  work is done); `keep`: a `save_hlo` stem, to keep the Perfetto trace as
+  STEM.trace.json.gz."""
   import jax
 
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
       run()
     if keep:
-      shutil.copy(glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"),
-                            recursive=True)[0], keep)
+      shutil.copy(_trace_path(d), keep + ".trace.json.gz")
     return summarize(d, top=top)
 
 
 # -- kernels by what they do, with the compiled HLO ---------------------------
 
 def _kernel_times(trace_path: str) -> collections.Counter:
-  with gzip.open(trace_path) as f:
-    data = json.load(f)
-  events = data["traceEvents"] if isinstance(data, dict) else data
-  threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  """GPU ms per kernel name (copies included) of a kept trace."""
+  events, threads = _events(trace_path)
   out = collections.Counter()
   for e in events:
     if e.get("ph") == "X" and "stream" in threads.get(
@@ -199,8 +194,8 @@ def _hlo_defs(hlo_path: str) -> dict[str, str]:
 
 def role(kernel: str, defs: dict[str, str]) -> str:
   """What a kernel of a LoRA training step does, from its name and, for
-  XLA's fusions, the HLO instruction of that name (its output type and the
-  JAX op it came from). cuBLASLt's kernels: "qq" in the name reads e4m3
+  XLA's fusions, the HLO instruction of that name in `defs` (its output type
+  and the JAX op it came from; with no HLO, fusions count as "other"). cuBLASLt's kernels: "qq" in the name reads e4m3
   operands; "tss" writes float32 (the head's logits in these steps)."""
   m = re.match(r"(.*)_(\d+)$", kernel)
   names = ([f"{m.group(1)}.{m.group(2)}"] if m else []) + [kernel]
@@ -231,11 +226,7 @@ def role(kernel: str, defs: dict[str, str]) -> str:
 def by_role(trace_path: str, hlo_path: str) -> dict[str, float]:
   """GPU ms of one traced step by `role`, from a kept trace and its HLO
   (`train_speed.py --profile --hlo-dir DIR` writes both)."""
-  defs = _hlo_defs(hlo_path)
-  out = collections.Counter()
-  for kernel, ms in _kernel_times(trace_path).items():
-    out[role(kernel, defs)] += ms
-  return {k: round(v, 1) for k, v in out.most_common()}
+  return _by_role(_kernel_times(trace_path), _hlo_defs(hlo_path))
 
 
 if __name__ == "__main__":

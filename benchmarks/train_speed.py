@@ -59,6 +59,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import trace_summary  # noqa: E402
 import train_step as ts  # noqa: E402  (SHAPES, floor_flops, run_peft, ...)
 
 SHAPES = ts.SHAPES
@@ -187,13 +188,7 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   compiled = step.lower(t_shape, opt_shape, frozen_shape, inputs,
                         labels).compile()
   compile_s = time.perf_counter() - t0
-  stem = None
-  if hlo_dir:
-    import trace_summary
-    os.makedirs(hlo_dir, exist_ok=True)
-    stem = os.path.join(hlo_dir, trace_summary.file_stem(name))
-    with open(stem + ".hlo.txt", "w") as f:
-      f.write(compiled.as_text())
+  stem = hlo_dir and trace_summary.save_hlo(hlo_dir, name, compiled)
   mem = compiled.memory_analysis()
   footprint = temp = None
   if mem is not None:
@@ -213,10 +208,9 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   stats = jax.devices()[0].memory_stats() or {}
   step_s = min(rounds)
   trace = None
-  if profile:
-    trace = profile_step(compiled, (trainable, opt_state),
-                         (frozen, inputs, labels),
-                         stem and stem + ".trace.json.gz")
+  if profile:  # one more step, traced
+    trace = trace_summary.profile(lambda: jax.block_until_ready(compiled(
+        trainable, opt_state, frozen, inputs, labels)), stem)
   n_train = sum(x.size for x in jax.tree.leaves(trainable))
   result = dict(
     system=name, options=opts, step_s=step_s, rounds_s=rounds,
@@ -231,16 +225,6 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   if trace is not None:
     result["profile"] = trace
   return result
-
-
-def profile_step(compiled, state: tuple, args: tuple,
-                 keep: str | None = None) -> dict:
-  """One more step under `jax.profiler` (`trace_summary.profile`)."""
-  import jax
-
-  import trace_summary
-  return trace_summary.profile(
-      lambda: jax.block_until_ready(compiled(*state, *args)), keep)
 
 
 def lora_step(model, tx, opts: dict):
@@ -448,8 +432,8 @@ def report(args, results: list, tflops: float | None) -> dict:
                  " row-major (K, N) kernel")
   for r in results:
     for device, prof in (r.get("profile") or {}).items():
-      cats = ", ".join(f"{k} {v:.1f}" for k, v in prof["by_category_ms"].items())
-      lines.append(f"{r['system']} GPU ms by kernel: {cats}"
+      roles = ", ".join(f"{k} {v:.1f}" for k, v in prof["by_role_ms"].items())
+      lines.append(f"{r['system']} GPU ms by kernel: {roles}"
                    f" (busy {prof['compute_ms']:.1f} of {prof['span_ms']:.1f})")
   print("\n".join(lines), flush=True)
   return dict(shape=args.shape, config=s, rank=args.rank, alpha=args.alpha,
@@ -475,7 +459,7 @@ def main() -> None:
   p.add_argument("--json", default=None, help="write results here")
   p.add_argument("--profile", action="store_true",
                  help="trace one more step of each jlora system: GPU time by"
-                 " kernel category and the top kernels")
+                 " kernel role and the top kernels")
   p.add_argument("--hlo-dir", default=None,
                  help="write each jlora system's compiled HLO here")
   p.add_argument("--system", help=argparse.SUPPRESS)

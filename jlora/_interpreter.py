@@ -350,7 +350,7 @@ def _shard_map_rule(eqn, invals, share=True):
   block of it is a block of the fused sum.
   """
   p = eqn.params
-  manual = frozenset(p.get("manual_axes", p.get("newly_manual_axes", ())))
+  manual = frozenset(p["newly_manual_axes"])
   jaxpr, consts = _closed(p["jaxpr"])
   flat, specs, plan = [], [], []
   for x, spec in zip(invals, p["in_specs"]):
@@ -387,10 +387,9 @@ def _shard_map_rule(eqn, invals, share=True):
     return tuple(eval_jaxpr(jaxpr, consts, vals, fuse_outputs=True,
                             share=share))
 
-  check = p.get("check_vma", p.get("check_rep", False))
   out = jax.shard_map(body, mesh=p["mesh"], in_specs=tuple(specs),
                       out_specs=tuple(p["out_specs"]), axis_names=manual,
-                      check_vma=check)(*flat)
+                      check_vma=p["check_vma"])(*flat)
   return list(out)
 
 

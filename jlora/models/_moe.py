@@ -138,9 +138,8 @@ def batch_axes(rows: int) -> tuple[str, ...]:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return ()
-  manual = set(getattr(mesh, "manual_axes", ()))
   axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names
-               and mesh.shape[a] > 1 and a not in manual)
+               and mesh.shape[a] > 1 and a not in mesh.manual_axes)
   if not axes or rows % math.prod(mesh.shape[a] for a in axes):
     return ()
   return axes

@@ -108,13 +108,15 @@ def generate(
   """
   input_ids = jnp.asarray(input_ids, jnp.int32)
   vocab = model.config.vocab_size
-  if not isinstance(input_ids, jax.core.Tracer) and input_ids.size and (
-      int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-    # Past the embedding, a lookup gives NaN logits, not an error.
-    raise ValueError(
-      f"input_ids hold ids in [{int(input_ids.min())},"
-      f" {int(input_ids.max())}] but the model's vocabulary has {vocab};"
-      " tokenize with the model's own tokenizer")
+  if (input_ids.size and not isinstance(input_ids, jax.core.Tracer)
+      and input_ids.is_fully_addressable):
+    lo, hi = (int(v) for v in jax.device_get((input_ids.min(),
+                                              input_ids.max())))
+    if lo < 0 or hi >= vocab:
+      # Past the embedding, a lookup gives NaN logits, not an error.
+      raise ValueError(
+        f"input_ids hold ids in [{lo}, {hi}] but the model's vocabulary has"
+        f" {vocab}; tokenize with the model's own tokenizer")
   if max_new_tokens <= 0:
     return input_ids
   if attention_mask is None:
