@@ -2,11 +2,11 @@
 
 A parameter leaf is followed through ops that only re-lay it out
 (transpose, reshape, squeeze, cast, slice, a row gather) and into calls
-(`jit`, `checkpoint`, `custom_jvp`/`custom_vjp`, `cond`, `while`, `scan`).
-At each `dot_general` it meets, its axes get roles: contracted 'i', batch
-'b', kept 'o'; an axis it lost on the way (indexed away, scanned over) is
-'b'. A gather whose rows are not then batched as a stacked axis records the
-leaf as an embedding table.
+(`jit`, `checkpoint`, `custom_jvp`/`custom_vjp`, `cond`, `while`, `scan`,
+`shard_map`). At each `dot_general` it meets, its axes get roles: contracted
+'i', batch 'b', kept 'o'; an axis it lost on the way (indexed away, scanned
+over) is 'b'. A gather whose rows are not then batched as a stacked axis
+records the leaf as an embedding table.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ _Literal = jex_core.Literal
 # Ops whose output is their (first) input, laid out the same.
 _SAME = frozenset({"convert_element_type", "copy", "copy_p",
                    "sharding_constraint", "reduce_precision", "slice",
-                   "dynamic_slice", "mesh_cast", "reshard"})
+                   "dynamic_slice", "mesh_cast", "reshard", "pvary"})
 
 
 @dataclasses.dataclass(frozen=True)

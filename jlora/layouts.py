@@ -91,8 +91,8 @@ def infer_layout(fn: Callable[..., Any], params: Any, *args,
   stacked (batched in the product, scanned over or indexed away: one
   adapter per index). The leaf is followed through transposes, reshapes,
   casts, slices, nested `jit`, `checkpoint`/`remat`, `scan` (a scanned
-  stack's layer axis is 'b'), `cond`, `while` and `custom_jvp`/`custom_vjp`
-  functions, whatever the leaf's name.
+  stack's layer axis is 'b'), `cond`, `while`, `shard_map` and
+  `custom_jvp`/`custom_vjp` functions, whatever the leaf's name.
 
   Args:
     fn: a function of the params, e.g. ``lambda p, x: model.apply({"params":

@@ -231,6 +231,26 @@ def test_expert_weights_picked_per_token_are_stacked():
   assert layout.embeddings == ()
 
 
+def test_weights_inside_a_shard_map_body():
+  # check_vma (the default) marks the whole weights device-varying (pvary)
+  # before they meet each device's rows.
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((2,), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+  def body(x, w, experts, sizes):
+    return jax.lax.ragged_dot(x @ w, experts, sizes)
+
+  def fn(p, x, sizes):
+    return jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P(), P(), P()),
+                         out_specs=P("data"))(x, p["w"], p["experts"], sizes)
+
+  params = {"w": jnp.ones((4, 6)), "experts": jnp.ones((3, 6, 5))}
+  layout = jlora.infer_layout(fn, params, jnp.ones((4, 4)),
+                              jnp.array([1, 1, 0]))
+  assert dict(layout) == {"w": "io", "experts": "bio"}
+
+
 # -- errors -------------------------------------------------------------------
 
 def test_weight_used_with_two_contractions_lists_both_uses():
