@@ -204,8 +204,10 @@ def _select_quantized(w, op):
     return None
   amap = tuple(range(k))
   stored = {}
-  for name in ("codes", "absmax", "absmax2", "offset"):
-    x = getattr(w, name)
+  for field in dataclasses.fields(w):
+    if field.metadata.get("static"):
+      continue
+    name, x = field.name, getattr(w, field.name)
     if x is None:
       continue
     y, new = op.on(x, amap + (None,) * (x.ndim - k), frozenset())

@@ -608,6 +608,8 @@ class Factored:
   def _base_product(self, x, kernel_is_rhs: bool, bind, params=None):
     """``dot_general(x, w)``, dequantizing a quantized ``w`` for this use."""
     if _fp8.is_fp8(self.w):  # FP8 base: an FP8 product where it can
+      if params is None:  # a grouped (ragged) product: no FP8 GEMM for it
+        return _fp8.upcast_product(x, self.w, kernel_is_rhs, bind)
       return _fp8.dot_general(x, self.w, kernel_is_rhs, params, bind)
     if not is_quantized(self.w):
       return bind(*((x, self.w) if kernel_is_rhs else (self.w, x)))

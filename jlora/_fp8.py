@@ -367,7 +367,7 @@ def dot_general(x: Array, w: Fp8Array, kernel_is_rhs: bool, params: dict,
   contractible = all(w.scale.shape[k] == 1 for k in kc)
   if path == "upcast" or not contractible or not jnp.issubdtype(
       x.dtype, jnp.floating):
-    return _upcast(x, w, kernel_is_rhs, bind)
+    return upcast_product(x, w, kernel_is_rhs, bind)
   out_dtype = jnp.dtype(params.get("preferred_element_type") or
                         jnp.result_type(x.dtype, w.dtype))
   spec = _Spec(xc, kc, xb, kb, x.ndim, w.ndim, jnp.dtype(x.dtype), out_dtype,
@@ -382,7 +382,10 @@ def dot_general(x: Array, w: Fp8Array, kernel_is_rhs: bool, params: dict,
   return jnp.transpose(y, perm)
 
 
-def _upcast(x, w, kernel_is_rhs, bind):
+def upcast_product(x, w: Fp8Array, kernel_is_rhs: bool, bind) -> Array:
+  """``bind(x, dense)`` (operands in the equation's order) with ``w``
+  dequantized for this use and recomputed, not saved, for the backward pass:
+  the path of products XLA has no FP8 form for (grouped expert GEMMs)."""
   def product(x, w):
     dense = w.dequantize()
     return bind(*((x, dense) if kernel_is_rhs else (dense, x)))

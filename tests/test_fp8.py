@@ -538,6 +538,69 @@ def test_llama_fp8_train_step():
   assert abs(losses[0] - float(dense_loss)) < 0.02 * float(dense_loss)
 
 
+@pytest.mark.parametrize("adapt_experts", [True, False])
+@pytest.mark.parametrize("scan", [False, True])
+def test_moe_experts_in_fp8(scan, adapt_experts):
+  """FP8 expert kernels, adapted or bare, in a MoE model: the grouped
+  products (XLA has no FP8 grouped GEMM) dequantize per use, so with FP8
+  numerics asked for everywhere (``product="fp8"``) the model equals its
+  merged, dequantized form, and the adapters' gradients equal its."""
+  from jlora.models import ModelConfig, from_config
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                    num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=24)
+  model, params = from_config(cfg, KEY, dtype=F32, param_dtype=F32,
+                              scan_layers=scan)
+  experts = r"experts/(gate_up|down)_proj/kernel"
+  qp = quant.quantize_fp8(params, targets=experts, product="fp8",
+                          compute_dtype=F32)
+  stacked = qp["model"]["layers"]["mlp"] if scan else (
+      qp["model"]["layers"]["0"]["mlp"])
+  assert quant.is_fp8(stacked["experts"]["down_proj"]["kernel"])
+  targets = experts + "|q_proj" if adapt_experts else "q_proj|v_proj"
+  lp = randomize_b(jlora.apply(qp, rank=2, targets=targets, key=KEY),
+                   jax.random.key(3), std=0.3)
+  ids = jax.random.randint(KEY, (2, 12), 0, 64)
+
+  def loss(apply, tree):
+    logits = apply({"params": tree}, ids[:, :-1])
+    logp = jax.nn.log_softmax(logits.astype(F32))
+    return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1))
+
+  trainable, frozen = jlora.partition(lp)
+  got, g = jax.jit(jax.value_and_grad(lambda t: loss(
+      jlora.wrap(model.apply), jlora.combine(t, frozen))))(trainable)
+  want, g_ref = jax.jit(jax.value_and_grad(lambda t: loss(
+      model.apply, jlora.merge(jlora.combine(t, frozen)))))(trainable)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_merge_gives_plain_arrays_for_bare_fp8_kernels():
+  """`merge` fuses adapted kernels and dequantizes FP8 kernels left without
+  an adapter: every leaf is a plain array an unwrapped model can take."""
+  x, _, qp = _mlp()
+  lp = randomize_b(jlora.apply(qp, rank=4, targets="up", key=KEY),
+                   jax.random.key(4))
+  assert quant.is_fp8(lp["down"]["kernel"])  # bare: no adapter
+  fused = jlora.merge(lp)
+  assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(fused))
+  assert len(jax.tree.leaves(fused)) == len(jax.tree.leaves(
+      MLP().init(KEY, x)))
+  bare = qp["down"]["kernel"]
+  np.testing.assert_array_equal(
+      fused["down"]["kernel"],
+      np.asarray(bare.values, np.float64) * np.asarray(bare.scale))
+  np.testing.assert_allclose(fused["up"]["kernel"],
+                             lp["up"]["kernel"].materialize())
+  y = MLP().apply({"params": fused}, x)  # unwrapped
+  np.testing.assert_allclose(y, jlora.wrap(MLP().apply)(
+      {"params": quant.set_fp8_product(lp, "upcast")}, x), rtol=1e-5,
+      atol=1e-5)
+
+
 def test_merge_and_quantize_keeps_fp8_settings():
   x, params, _ = _mlp()
   qp = quant.quantize_fp8(params, scaling="tensor", product="fp8",
