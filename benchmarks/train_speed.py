@@ -25,7 +25,10 @@ cuDNN attention with is_causal on GPU) with LoRA through `jlora.apply` +
   base     bf16 (default); fp8: the seven projections' kernels stored in
            FP8 e4m3, one power-of-two scale per output channel, products in
            FP8 on GPUs that have it (`jlora.quant.quantize_fp8`); fp8t: one
-           scale per kernel (per layer), which XLA fuses whole into cuBLASLt
+           scale per kernel (per layer), which XLA fuses whole into cuBLASLt;
+           fp8k: fp8 with each kernel also stored transposed
+           (`transposed_copy=True`), so neither product transposes it
+
 A system is a preset name from VARIANTS or a spec such as
 "remat=matmuls/ce=2048/offload=gate_proj+up_proj/mb=2" or
 "remat=mlp/ce=1024/base=fp8". An FP8 system's base is generated leaf by
@@ -112,14 +115,21 @@ def parse_system(name: str) -> dict:
   return opts
 
 
-# base=... -> FP8 scaling of the projections' kernels (None: bf16).
-FP8_BASES = {"bf16": None, "fp8": "channel", "fp8t": "tensor"}
+# base=... -> quantize_fp8 options of the projections' kernels (None: bf16):
+# per channel, per tensor, per channel with a transposed copy (GEMM order
+# for both products).
+FP8_BASES = {"bf16": None, "fp8": dict(scaling="channel"),
+             "fp8t": dict(scaling="tensor"),
+             "fp8k": dict(scaling="channel", transposed_copy=True)}
 
 # XLA flag sets a system can name (flags=a+b), set in its process only.
 XLA_FLAGS = {
   "notriton": "--xla_gpu_enable_triton_gemm=false",
   "lhs": "--xla_gpu_enable_latency_hiding_scheduler=true",
   "nocmdbuf": "--xla_gpu_enable_command_buffer=",
+  # cuBLAS reads each layer's kernel slice in place from the stacked array
+  # (a scan's dynamic slice fused into the GEMM) instead of a copy per layer.
+  "dsf": "--xla_gpu_enable_dynamic_slice_fusion=true",
 }
 
 
@@ -163,13 +173,13 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   ids = jax.random.randint(key, (s["batch"], s["seq"] + 1), 0, s["vocab"])
   inputs, labels = ids[:, :-1], ids[:, 1:]
 
-  scaling = FP8_BASES[opts.get("base", "bf16")]
+  fp8 = FP8_BASES[opts.get("base", "bf16")]
 
   def init(key):
     params = model.init(key, inputs[:1, :8])["params"]
-    if scaling is not None:
-      params = jlora.quant.quantize_fp8(params, scaling=scaling,
-                                        targets="|".join(TARGETS))
+    if fp8 is not None:
+      params = jlora.quant.quantize_fp8(params, targets="|".join(TARGETS),
+                                        **fp8)
     return params
 
   def adapt(params, key):
@@ -196,10 +206,10 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
                  mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**30
     temp = mem.temp_size_in_bytes / 2**30
 
-  if scaling is None:
+  if fp8 is None:
     trainable, frozen, opt_state = jax.jit(make)(key)
   else:
-    params = fp8_params(jax.eval_shape(init, key), key, scaling)
+    params = fp8_params(jax.eval_shape(init, key), key, fp8)
     trainable, frozen, opt_state = jax.jit(adapt, donate_argnums=0)(params,
                                                                     key)
     del params
@@ -220,7 +230,7 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
     loss_first=losses[0], loss_last=losses[-1], trainable=int(n_train))
   if matmul:
     result["matmul_tflops"] = max(ts.matmul_tflops() for _ in range(2))
-  if scaling is not None:
+  if fp8 is not None:
     result.update(fp8_matmul_tflops())
   if trace is not None:
     result["profile"] = trace
@@ -307,7 +317,7 @@ def time_steps(compiled, state: tuple, args: tuple, steps: int, warmup: int):
   return tuple(state), losses, rounds
 
 
-def fp8_params(shapes, key, scaling: str):
+def fp8_params(shapes, key, fp8: dict):
   """Random params shaped like `shapes`, made leaf by leaf.
 
   Kernels and embeddings N(0, 0.02^2), norm scales 1, biases 0; the
@@ -324,18 +334,17 @@ def fp8_params(shapes, key, scaling: str):
   flat = traverse_util.flatten_dict(shapes, sep="/")  # Fp8Array: a leaf
   out = {}
   for i, (path, struct) in enumerate(sorted(flat.items())):
-    fp8 = jlora.quant.is_fp8(struct)
-    dtype = jnp.bfloat16 if fp8 else struct.dtype
+    stored = jlora.quant.is_fp8(struct)
+    dtype = jnp.bfloat16 if stored else struct.dtype
 
-    def leaf(k, path=path, shape=struct.shape, dtype=dtype, fp8=fp8):
+    def leaf(k, path=path, shape=struct.shape, dtype=dtype, stored=stored):
       if path.endswith("scale"):
         return jnp.ones(shape, dtype)
       if path.endswith("bias"):
         return jnp.zeros(shape, dtype)
       x = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
-      if fp8:
-        return jlora.quant.quantize_fp8({"kernel": x}, scaling=scaling)[
-          "kernel"]
+      if stored:
+        return jlora.quant.quantize_fp8({"kernel": x}, **fp8)["kernel"]
       return x
 
     out[path] = jax.jit(leaf)(jax.random.fold_in(key, i))

@@ -121,6 +121,15 @@ class Fp8Array(StoredKernel):
     scaling (static): "channel" or "tensor"; activations are scaled per row
       against a per-channel kernel and per tensor against a per-tensor one.
     product (static): "auto", "fp8" or "upcast": where products run FP8.
+    values_t: None, or the same e4m3 values in a second axis order
+      (``quantize_fp8(..., transposed_copy=True)``): GPUs' FP8 GEMMs read
+      both operands with the contracted axes last, and the forward product
+      contracts the input axes, the backward the output axes, so with both
+      orders stored neither is transposed per step.
+    t_tail (static): with ``values_t``, the kernel axes its trailing axes
+      are, counted from the end (``(-1, -2)`` for a transposed last pair);
+      its leading axes are the kernel's own, so a scan or an expert
+      selection slices both arrays alike. `t_axes` gives the whole order.
 
   Examples:
     >>> q = jlora.quantize({"k": {"kernel": w}}, "fp8")["k"]["kernel"]
@@ -136,6 +145,8 @@ class Fp8Array(StoredKernel):
                                    default="channel")
   product: str = dataclasses.field(metadata=dict(static=True),
                                    default="auto")
+  values_t: Array = None
+  t_tail: tuple = dataclasses.field(metadata=dict(static=True), default=None)
 
   method = "fp8"
   _leaf = "values"
@@ -148,9 +159,23 @@ class Fp8Array(StoredKernel):
 
   @property
   def nbytes(self) -> int:
-    """Bytes actually stored (values and scales)."""
+    """Bytes actually stored (values, scales and any transposed copy)."""
     return sum(int(x.size) * jnp.dtype(x.dtype).itemsize
-               for x in (self.values, self.scale))
+               for x in (self.values, self.scale, self.values_t)
+               if x is not None)
+
+  @property
+  def t_axes(self) -> tuple[int, ...] | None:
+    """With ``values_t``: the kernel axis each of its axes is."""
+    return None if self.t_tail is None else _full(self.ndim, self.t_tail)
+
+  def orders(self) -> list[tuple[Array, tuple[int, ...]]]:
+    """(stored array, the kernel axis each of its axes is): ``values``
+    and, if stored, ``values_t``."""
+    out = [(self.values, tuple(range(self.ndim)))]
+    if self.values_t is not None:
+      out.append((self.values_t, self.t_axes))
+    return out
 
   @property
   def stacked(self) -> int:
@@ -176,8 +201,9 @@ class Fp8Array(StoredKernel):
       shape = self.shape
     except Exception:  # leaves that are not arrays (a mask, a spec)
       shape = "?"
+    copy = "" if self.values_t is None else ", transposed_copy=True"
     return (f"Fp8Array(e4m3, shape={shape}, dtype={jnp.dtype(self.dtype).name},"
-            f" scaling={self.scaling}, product={self.product})")
+            f" scaling={self.scaling}, product={self.product}{copy})")
 
   # -- values ---------------------------------------------------------------
 
@@ -188,10 +214,27 @@ class Fp8Array(StoredKernel):
 
   def transpose(self, *perm) -> "Fp8Array":
     perm = self._perm(perm)
-    if perm == tuple(range(self.ndim)):
+    identity = tuple(range(self.ndim))
+    if perm == identity:
       return self
+    scale = jnp.transpose(self.scale, perm)
+    if self.values_t is None:
+      return dataclasses.replace(self, values=jnp.transpose(self.values, perm),
+                                 scale=scale)
+    # Both stored orders stay as stored, their axes renamed (kernel axis a
+    # is axis perm.index(a) of the transpose): the products keep reading
+    # them without a transpose. The one in the new axis order, if any,
+    # becomes ``values``.
+    stored = [(a, tuple(perm.index(k) for k in axes))
+              for a, axes in self.orders()]
+    for i, (array, axes) in enumerate(stored):
+      if axes == identity:
+        other, other_axes = stored[1 - i]
+        return dataclasses.replace(self, values=array, scale=scale,
+                                   values_t=other, t_tail=_tail(other_axes))
     return dataclasses.replace(self, values=jnp.transpose(self.values, perm),
-                               scale=jnp.transpose(self.scale, perm))
+                               scale=scale, values_t=stored[1][0],
+                               t_tail=_tail(stored[1][1]))
 
   def reshape(self, *shape) -> "Fp8Array | Array":
     """FP8 unless an axis group mixes per-index and shared scales.
@@ -215,8 +258,11 @@ class Fp8Array(StoredKernel):
         return self.dequantize().reshape(shape)
       per_index = kinds.pop() if kinds else False
       scale_shape += [shape[j] if per_index else 1 for j in new]
+    # The transposed copy is not reshaped along (it serves the stored
+    # kernel's own products); this view uses its values alone.
     return dataclasses.replace(self, values=self.values.reshape(shape),
-                               scale=self.scale.reshape(scale_shape))
+                               scale=self.scale.reshape(scale_shape),
+                               values_t=None, t_tail=None)
 
 
 def is_fp8(x: Any) -> bool:
@@ -232,12 +278,13 @@ def check_options(scaling: str, product: str) -> None:
 
 def quantize_array(x: Array, layout: str, *, scaling: str = "channel",
                    dtype: Any = jnp.bfloat16, product: str = "auto",
-                   path: str = "") -> Fp8Array:
+                   transposed_copy: bool = False, path: str = "") -> Fp8Array:
   """One kernel to an `Fp8Array`; shardings follow ``x``'s.
 
   ``layout``: one role letter per axis ('b' stacked, 'i' input, 'o'
-  output). A concrete kernel with NaN or inf values raises ValueError
-  naming ``path``.
+  output). With ``transposed_copy`` the values are stored a second time in
+  the other GEMM order (see `Fp8Array`). A concrete kernel with NaN or inf
+  values raises ValueError naming ``path``.
   """
   check_options(scaling, product)
   if len(layout) != x.ndim or set(layout) - set("bio") or "i" not in layout:
@@ -247,7 +294,8 @@ def quantize_array(x: Array, layout: str, *, scaling: str = "channel",
         " 'o' output")
   shared = "i" if scaling == "channel" else "io"
   axes = tuple(k for k, r in enumerate(layout) if r in shared)
-  static = dict(dtype=jnp.dtype(dtype), scaling=scaling, product=product)
+  static = dict(dtype=jnp.dtype(dtype), scaling=scaling, product=product,
+                t_tail=_tail(_copy_order(layout)) if transposed_copy else None)
 
   items = tuple(static.items())
   if isinstance(x, jax.core.Tracer):
@@ -262,9 +310,40 @@ def quantize_array(x: Array, layout: str, *, scaling: str = "channel",
   return out
 
 
+def _tail(axes: tuple[int, ...]) -> tuple[int, ...]:
+  """A full axis order as `Fp8Array.t_tail`: the part after its longest
+  unpermuted prefix, counted from the end."""
+  n = len(axes)
+  lead = 0
+  while lead < n and axes[lead] == lead:
+    lead += 1
+  return tuple(a - n for a in axes[lead:])
+
+
+def _full(ndim: int, tail: tuple[int, ...]) -> tuple[int, ...]:
+  """`_tail`'s inverse for an array of ``ndim`` axes."""
+  lead = ndim - len(tail)
+  return tuple(range(lead)) + tuple(ndim + a for a in tail)
+
+
+def _copy_order(layout: str) -> tuple[int, ...]:
+  """Axis order of the transposed copy: the input axes last (the forward
+  product's GEMM order), or, where the kernel already has them last, the
+  output axes last (the backward product's)."""
+  def order(last):
+    return tuple(k for k, r in enumerate(layout) if r == "b") + tuple(
+        k for k, r in enumerate(layout) if r not in ("b", last)) + tuple(
+        k for k, r in enumerate(layout) if r == last)
+  forward = order("i")
+  return order("o") if forward == tuple(range(len(layout))) else forward
+
+
 def _quantize_impl(axes, static, x):
   values, scale = quantize(x.astype(jnp.float32), axes)
-  return Fp8Array(values, scale, **dict(static)), jnp.isfinite(scale).all()
+  out = Fp8Array(values, scale, **dict(static))
+  if out.t_tail is not None:
+    out = dataclasses.replace(out, values_t=jnp.transpose(values, out.t_axes))
+  return out, jnp.isfinite(scale).all()
 
 
 @functools.lru_cache(maxsize=256)
@@ -286,7 +365,11 @@ def _out_shardings(x, axes, static):
   spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
   scale_spec = P(*[None if k in axes else e for k, e in enumerate(spec)])
   named = lambda s: jax.sharding.NamedSharding(sharding.mesh, s)
-  return (Fp8Array(named(P(*spec)), named(scale_spec), **static), named(P()))
+  copy = None
+  if static["t_tail"] is not None:
+    copy = named(P(*[spec[a] for a in _full(x.ndim, static["t_tail"])]))
+  return (Fp8Array(named(P(*spec)), named(scale_spec), values_t=copy,
+                   **static), named(P()))
 
 
 # -- the product ----------------------------------------------------------------
@@ -329,6 +412,10 @@ class _Spec(NamedTuple):
   out_dtype: Any
   rowwise: bool
   emulate: bool
+  # pos[k]: the axis of the stored array that kernel axis k is, for the
+  # array each product reads (values, or its transposed copy).
+  fwd_pos: tuple[int, ...] = ()
+  bwd_pos: tuple[int, ...] = ()
 
   @property
   def x_free(self) -> list[int]:
@@ -370,9 +457,12 @@ def dot_general(x: Array, w: Fp8Array, kernel_is_rhs: bool, params: dict,
     return upcast_product(x, w, kernel_is_rhs, bind)
   out_dtype = jnp.dtype(params.get("preferred_element_type") or
                         jnp.result_type(x.dtype, w.dtype))
+  k_free = [k for k in range(w.ndim) if k not in kc + kb]
+  w_fwd, fwd_pos = _stored_order(w, kc)
+  w_bwd, bwd_pos = _stored_order(w, tuple(k_free))
   spec = _Spec(xc, kc, xb, kb, x.ndim, w.ndim, jnp.dtype(x.dtype), out_dtype,
-               w.scaling == "channel", path == "emulate")
-  y = _product(x, w.values, w.scale, spec)
+               w.scaling == "channel", path == "emulate", fwd_pos, bwd_pos)
+  y = _product(x, w_fwd, w_bwd, w.scale, spec)
   if kernel_is_rhs:
     return y
   # dot_general(w, x) puts the kernel's free axes before x's.
@@ -380,6 +470,17 @@ def dot_general(x: Array, w: Fp8Array, kernel_is_rhs: bool, params: dict,
   perm = (list(range(nb)) + list(range(nb + nx, nb + nx + nk)) +
           list(range(nb, nb + nx)))
   return jnp.transpose(y, perm)
+
+
+def _stored_order(w: Fp8Array, contracted: tuple[int, ...]):
+  """(stored array, pos) for a product contracting ``contracted``: the
+  stored order with those axes last if there is one (the GEMM reads it as
+  it is), else ``values``; ``pos[k]`` is kernel axis k's axis in it."""
+  n = len(contracted)
+  for array, axes in w.orders():
+    if n and set(axes[len(axes) - n:]) == set(contracted):
+      return array, tuple(axes.index(k) for k in range(w.ndim))
+  return w.values, tuple(range(w.ndim))
 
 
 def upcast_product(x, w: Fp8Array, kernel_is_rhs: bool, bind) -> Array:
@@ -445,35 +546,60 @@ def _per_gemm_scalar(scale, spec: _Spec) -> bool:
   return spec.rowwise is False and scale.size == 1
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _product(x, values, scale, spec: _Spec):
-  return _forward(x, values, scale, spec)
+def _physical(axes, pos) -> tuple[int, ...]:
+  return tuple(pos[k] for k in axes)
+
+
+def _free_order(axes, pos) -> list[int]:
+  """Where each of ``axes`` (kernel axes, a product's free axes in kernel
+  order) lands among them in a product with the stored array: its order."""
+  stored = sorted(axes, key=lambda k: pos[k])
+  return [stored.index(k) for k in axes]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _product(x, w_fwd, w_bwd, scale, spec: _Spec):
+  return _forward(x, w_fwd, scale, spec)
 
 
 def _forward(x, values, scale, spec: _Spec):
-  dims = ((spec.xc, spec.kc), (spec.xb, spec.kb))
+  dims = ((spec.xc, _physical(spec.kc, spec.fwd_pos)),
+          (spec.xb, _physical(spec.kb, spec.fwd_pos)))
   row_axes = spec.xc if spec.rowwise else tuple(range(x.ndim))
   xq, sx = quantize(x, row_axes)
   if _per_gemm_scalar(scale, spec):
-    return _scaled_gemm(xq, sx, values, scale, dims, spec.out_dtype, spec,
-                        lax.Precision.DEFAULT)
-  acc = _gemm(xq, values, dims, spec, lax.Precision.DEFAULT)
+    return _kernel_order(_scaled_gemm(xq, sx, values, scale, dims,
+                                      spec.out_dtype, spec,
+                                      lax.Precision.DEFAULT), spec)
+  acc = _kernel_order(_gemm(xq, values, dims, spec, lax.Precision.DEFAULT),
+                      spec)
   y = acc.astype(jnp.float32) * (_x_out_scale(sx, spec) *
                                  _w_out_scale(scale, spec))
   return y.astype(spec.out_dtype)
 
 
-def _product_fwd(x, values, scale, spec: _Spec):
+def _kernel_order(y, spec: _Spec):
+  """The forward product's output with the kernel's free axes in kernel
+  order (a stored copy may hold them in another)."""
+  order = _free_order(spec.k_free, spec.fwd_pos)
+  if order == sorted(order):
+    return y
+  lead = len(spec.xb) + len(spec.x_free)
+  return jnp.transpose(y, list(range(lead)) + [lead + j for j in order])
+
+
+def _product_fwd(x, w_fwd, w_bwd, scale, spec: _Spec):
   # Only the stored kernel is kept for the backward pass: the kernel gets
   # no gradient, so x is not needed.
-  return _forward(x, values, scale, spec), (values, scale)
+  return _forward(x, w_fwd, scale, spec), (w_bwd, scale)
 
 
 def _product_bwd(spec: _Spec, res, dy):
   values, scale = res
   nb, nx, nk = len(spec.xb), len(spec.x_free), len(spec.k_free)
   k_pos = tuple(range(nb + nx, nb + nx + nk))
-  dims = ((k_pos, tuple(spec.k_free)), (tuple(range(nb)), spec.kb))
+  dims = ((k_pos, _physical(spec.k_free, spec.bwd_pos)),
+          (tuple(range(nb)), _physical(spec.kb, spec.bwd_pos)))
   if _per_gemm_scalar(scale, spec):
     gq, sg = quantize(dy, tuple(range(dy.ndim)))
     dx = _scaled_gemm(gq, sg, values, scale, dims, spec.x_dtype, spec,
@@ -486,8 +612,9 @@ def _product_bwd(spec: _Spec, res, dy):
     acc = _gemm(gq, values, dims, spec, lax.Precision.HIGHEST)
     sg = sg.reshape(sg.shape[:nb + nx] + (1,) * len(spec.kc))
     dx = (acc.astype(jnp.float32) * sg).astype(spec.x_dtype)
-  # dx's axes: x's batch, x's free, then w's contracted axes in w's order.
-  kc_sorted = sorted(spec.kc)
+  # dx's axes: x's batch, x's free, then w's contracted axes in the stored
+  # array's order.
+  kc_sorted = sorted(spec.kc, key=lambda k: spec.bwd_pos[k])
   pos = {}
   for j, i in enumerate(spec.xb):
     pos[i] = j
@@ -496,7 +623,7 @@ def _product_bwd(spec: _Spec, res, dy):
   for i, k in zip(spec.xc, spec.kc):
     pos[i] = nb + nx + kc_sorted.index(k)
   dx = jnp.transpose(dx, [pos[i] for i in range(spec.x_ndim)])
-  return dx, None, None
+  return dx, None, None, None
 
 
 _product.defvjp(_product_fwd, _product_bwd)

@@ -309,7 +309,8 @@ def merge_and_quantize(tree: Any, method: str | None = None, *,
     if method == "fp8" or (method is None and is_fp8(w)):
       _fp8_only(block_size or 64, True if double_quant is None else
                 double_quant)
-      opts = (dict(scaling=w.scaling, product=w.product) if is_fp8(w) else
+      opts = (dict(scaling=w.scaling, product=w.product,
+                   transposed_copy=w.values_t is not None) if is_fp8(w) else
               {})
       return _fp8.quantize_array(fused, node.layout, path=node.path,
                                  dtype=compute_dtype or fused.dtype, **opts)
@@ -393,7 +394,8 @@ def _layout_of(path: str, leaf: Any, layout: dict[str, str] | None) -> str:
 def quantize_fp8(params: Any, *, scaling: str = "channel",
                  product: str = "auto", targets: Selector = None,
                  exclude: Selector = None, compute_dtype: Any = jnp.bfloat16,
-                 layout: dict[str, str] | None = None) -> Any:
+                 layout: dict[str, str] | None = None,
+                 transposed_copy: bool = False) -> Any:
   """Returns `params` with each targeted kernel as an FP8 `Fp8Array`.
 
   Each value is ``round_e4m3(w / s)`` (float8 e4m3: 3 mantissa bits, finite
@@ -424,6 +426,13 @@ def quantize_fp8(params: Any, *, scaling: str = "channel",
       inferred `Layouts`' weights; the layout's 'i' axes are the input axes
       the scales are shared along).
     compute_dtype: the dtype the kernel dequantizes to and reports.
+    transposed_copy: also store each kernel's values with its input axes
+      last (``Fp8Array.values_t``). A GPU's FP8 GEMM reads both operands
+      with the contracted axes last; the forward product contracts the
+      input axes and the backward the output axes, so with one order stored
+      XLA transposes the kernel for one of them every step. The copy costs
+      the e4m3 values' size again (a bf16 kernel's size in all); its effect
+      on an H200's step time is in benchmarks/RESULTS.md.
 
   Raises:
     ValueError: a kernel holds NaN or inf values (naming its path), or an
@@ -450,7 +459,8 @@ def quantize_fp8(params: Any, *, scaling: str = "channel",
       return leaf
     return _fp8.quantize_array(leaf, _layout_of(path, leaf, layout),
                                scaling=scaling, dtype=compute_dtype,
-                               product=product, path=path)
+                               product=product,
+                               transposed_copy=transposed_copy, path=path)
 
   return _paths.map_with_path(replace, params)
 

@@ -634,7 +634,8 @@ class Wide(nn.Module):
 
 
 @needs_8
-def test_sharded_quantize_and_train_step():
+@pytest.mark.parametrize("copy", [False, True])
+def test_sharded_quantize_and_train_step(copy):
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
   x = jax.random.normal(KEY, (16, 32))
   y = jax.random.normal(jax.random.key(1), (16, 32))
@@ -643,10 +644,14 @@ def test_sharded_quantize_and_train_step():
   placed = jax.tree_util.tree_map_with_path(
       lambda p, v: jax.device_put(v, NamedSharding(
           mesh, specs[p[0].key] if p[-1].key == "kernel" else P())), params)
-  q_sharded = quant.quantize_fp8(placed, product="fp8")
-  q_single = quant.quantize_fp8(params, product="fp8")
+  q_sharded = quant.quantize_fp8(placed, product="fp8", transposed_copy=copy)
+  q_single = quant.quantize_fp8(params, product="fp8", transposed_copy=copy)
   up, down = q_sharded["up"]["kernel"], q_sharded["down"]["kernel"]
-  # Values keep the kernel's sharding; scales keep it on their output axis.
+  # Values keep the kernel's sharding; scales keep it on their output axis;
+  # a transposed copy has it on the axes it holds.
+  if copy:
+    assert up.values_t.sharding.spec == P("model", None)
+    assert down.values_t.sharding.spec == P(None, "model")
   assert up.values.sharding.spec == P(None, "model")
   assert up.scale.sharding.spec == P(None, "model")
   assert down.values.sharding.spec == P("model", None)
@@ -708,3 +713,143 @@ def test_quantize_on_load(tmp_path, scan_layers):
   q_proj = (layers if scan_layers else layers["0"])["self_attn"]["q_proj"]
   assert quant.is_fp8(q_proj["kernel"])
   assert not quant.is_quantized(qparams["lm_head"]["kernel"])
+
+
+# -- the transposed copy ------------------------------------------------------
+
+def _dots(jaxpr, e4m3_only=True) -> list:
+  """(lhs shape, rhs shape, dimension numbers) of each dot_general (of two
+  e4m3 operands only, or all)."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general" and (not e4m3_only or all(
+        v.aval.dtype == jnp.float8_e4m3fn for v in eqn.invars)):
+      out.append((eqn.invars[0].aval.shape, eqn.invars[1].aval.shape,
+                  eqn.params["dimension_numbers"]))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out += _dots(sub, e4m3_only)
+  return out
+
+
+def _contracts_last(dots) -> bool:
+  """Whether every product contracts the trailing axes of both operands
+  (the order a GPU's FP8 GEMM reads without a transpose)."""
+  def last(shape, axes):
+    return sorted(axes) == list(range(len(shape) - len(axes), len(shape)))
+  return all(last(ls, lc) and last(rs, rc)
+             for ls, rs, ((lc, rc), _) in dots)
+
+
+COPY_CASES = {
+  # layout, kernel shape, fn(w, x), x shape
+  "io": ("io", (16, 12), lambda w, x: x @ w, (2, 3, 16)),
+  "oi (x @ w.T)": ("oi", (12, 16), lambda w, x: x @ w.T, (2, 3, 16)),
+  "bio": ("bio", (3, 16, 12), lambda w, x: jnp.einsum("eti,eio->eto", x, w),
+          (3, 4, 16)),
+  "ioo": ("ioo", (16, 4, 3), lambda w, x: jnp.einsum("bi,ihd->bhd", x, w),
+          (5, 16)),
+  "iio": ("iio", (4, 4, 12), lambda w, x: jnp.einsum("bhd,hdo->bo", x, w),
+          (5, 4, 4)),
+  "kernel on the left": ("io", (16, 12), lambda w, x: lax.dot_general(
+      w, x, (((0,), (1,)), ((), ()))), (6, 16)),
+}
+
+
+@pytest.mark.parametrize("scaling", ["channel", "tensor"])
+@pytest.mark.parametrize("case", sorted(COPY_CASES))
+def test_transposed_copy_gives_the_same_product_read_in_gemm_order(
+    case, scaling, monkeypatch):
+  """With the copy stored, the product and the input gradient are exactly
+  those without it (same e4m3 values, same math), and on the GPU path both
+  products, forward and backward, contract trailing axes of both
+  operands."""
+  layout, shape, fn, x_shape = COPY_CASES[case]
+  w = gaussian(shape, jax.random.key(1))
+  x = gaussian(x_shape, jax.random.key(2), std=1.0)
+  plain = fp8(w, layout, scaling=scaling, dtype=F32, product="fp8")
+  copy = fp8(w, layout, scaling=scaling, dtype=F32, product="fp8",
+             transposed_copy=True)
+  # The copy holds the same values in another order.
+  np.testing.assert_array_equal(
+      np.transpose(np.asarray(plain.values, np.float32), copy.t_axes),
+      np.asarray(copy.values_t, np.float32))
+  assert copy.nbytes == plain.nbytes + plain.values.size
+
+  def run(q):
+    g = jlora.wrap(fn)
+    y, vjp = jax.vjp(lambda x: g(q, x), x)
+    return y, vjp(jnp.cos(y))[0]
+
+  got, want = jax.jit(run)(copy), jax.jit(run)(plain)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  # The GPU path's jaxpr (XLA upcasts e4m3 on CPU): a bare kernel has only
+  # its two products, forward and input gradient.
+  monkeypatch.setattr(_fp8, "product_path", lambda product: "gpu")
+  dots = _dots(jax.make_jaxpr(run)(copy).jaxpr, e4m3_only=False)
+  assert len(dots) == 2 and _contracts_last(dots)
+  if case in ("io", "bio"):  # the negative control: one order stored
+    assert not _contracts_last(_dots(jax.make_jaxpr(run)(plain).jaxpr,
+                                     e4m3_only=False))
+
+
+def test_transposed_copy_follows_transposes_without_moving():
+  q = fp8(gaussian((2, 16, 12)), "bio", product="fp8", transposed_copy=True)
+  assert q.t_axes == (0, 2, 1) and q.t_tail == (-1, -2)
+  t = q.transpose(0, 2, 1)  # the stored orders swap roles, unmoved
+  assert t.values is q.values_t and t.values_t is q.values
+  assert t.t_axes == (0, 2, 1)
+  odd = q.transpose(1, 0, 2)  # neither stored order: values transposed
+  assert odd.values_t is q.values_t and odd.t_axes == (1, 2, 0)
+  np.testing.assert_array_equal(
+      np.asarray(odd.values, np.float32),
+      np.asarray(q.values, np.float32).transpose(1, 0, 2))
+  np.testing.assert_array_equal(np.asarray(t.dequantize(), np.float32),
+                                np.asarray(q.dequantize(), np.float32)
+                                .transpose(0, 2, 1))
+  # A reshape keeps the values alone; the copy serves the stored kernel.
+  r = q.reshape(2, 16, 3, 4)
+  assert quant.is_fp8(r) and r.values_t is None
+
+
+def test_llama_step_with_transposed_copies_scans_them(monkeypatch):
+  """A scanned Llama's loss and adapter gradients are exactly those without
+  the copies, every e4m3 product of the step reads GEMM order, and
+  merge_and_quantize keeps the copies."""
+  from jlora.models import ModelConfig, from_config
+  cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                    num_layers=2, num_heads=4, num_kv_heads=2)
+  model, params = from_config(cfg, KEY, dtype=jnp.bfloat16,
+                              param_dtype=jnp.bfloat16, scan_layers=True,
+                              remat="matmuls")
+  ids = jax.random.randint(KEY, (2, 16), 0, 128)
+
+  def step(trainable, frozen):
+    forward = jlora.wrap(model.apply)
+
+    def loss(t):
+      logits = forward({"params": jlora.combine(t, frozen)}, ids[:, :-1])
+      logp = jax.nn.log_softmax(logits.astype(F32))
+      return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1))
+    return jax.value_and_grad(loss)(trainable)
+
+  runs = []
+  for copy in (False, True):
+    qp = quant.quantize_fp8(params, product="fp8", transposed_copy=copy)
+    lp = randomize_b(jlora.apply(qp, rank=4, key=KEY), jax.random.key(5))
+    trainable, frozen = jlora.partition(lp)
+    runs.append(jax.jit(step)(trainable, frozen))
+    with monkeypatch.context() as m:  # the GPU path's jaxpr
+      m.setattr(_fp8, "product_path", lambda product: "gpu")
+      jax.clear_caches()  # the jitted step's trace holds the emulation
+      dots = _dots(jax.make_jaxpr(step)(trainable, frozen).jaxpr)
+    jax.clear_caches()
+    assert len(dots) == 14  # 7 projections, forward and backward
+    assert _contracts_last(dots) == copy
+  for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+    np.testing.assert_array_equal(a, b)
+  kernel = qp["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+  assert kernel.values_t.shape == (2, 128, 64)  # (layers, out, in)
+  again = quant.merge_and_quantize(lp)["model"]["layers"]["mlp"]["up_proj"][
+      "kernel"]
+  assert again.t_axes == kernel.t_axes and again.values_t is not None
