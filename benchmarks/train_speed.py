@@ -130,6 +130,11 @@ XLA_FLAGS = {
   # cuBLAS reads each layer's kernel slice in place from the stacked array
   # (a scan's dynamic slice fused into the GEMM) instead of a copy per layer.
   "dsf": "--xla_gpu_enable_dynamic_slice_fusion=true",
+  # Block-level (Triton) fusions where XLA's cost model prefers them, e.g.
+  # a row reduction and the elementwise use of its result in one kernel.
+  "blr": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true",
+  "heroless": "--xla_gpu_experimental_enable_triton_heroless_priority_fusion"
+              "=true",
 }
 
 

@@ -219,8 +219,12 @@ def quantize_leaf(name: str, array: Any, method: str = "nf4", *,
                   block_size: int = 64, double_quant: bool = True,
                   targets: Selector = None, exclude: Selector = None,
                   compute_dtype: Any = jnp.bfloat16,
-                  layout: dict[str, str] | None = None) -> Any:
+                  layout: dict[str, str] | None = None,
+                  **fp8_options) -> Any:
   """One named leaf, quantized if `targets` selects it, else unchanged.
+
+  With ``method="fp8"``, `quantize_fp8`'s ``scaling``, ``product`` and
+  ``transposed_copy`` may be given too.
 
   ``name`` is the '/'-joined Flax path; selection is `quantize`'s, applied to
   this leaf alone (a target that matches nothing here is not an error), and
@@ -230,6 +234,7 @@ def quantize_leaf(name: str, array: Any, method: str = "nf4", *,
     >>> quantize_leaf("model/layers/mlp/up_proj/kernel", w).method
     'nf4'
   """
+  _check_fp8_options(method, fp8_options)
   if (not is_matrix(array) or name.rsplit("/", 1)[-1] in NON_KERNEL_NAMES):
     return array
   sels = _selectors(targets) or [ALL_LINEAR]
@@ -249,10 +254,27 @@ def quantize_leaf(name: str, array: Any, method: str = "nf4", *,
   if method == "fp8":
     _fp8_only(block_size, double_quant)
     return _fp8.quantize_array(array, _layout_of(name, array, layout),
-                               dtype=compute_dtype, path=name)
+                               dtype=compute_dtype, path=name, **fp8_options)
   return quantize_array(array, method, block_size=block_size,
                         double_quant=double_quant, dtype=compute_dtype,
                         stacked=stacked, name=name)
+
+
+_FP8_OPTIONS = ("scaling", "product", "transposed_copy")
+
+
+def _check_fp8_options(method: str, options: dict) -> None:
+  given = sorted(k for k in options if k in _FP8_OPTIONS)
+  unknown = sorted(set(options) - set(_FP8_OPTIONS))
+  if unknown:
+    raise TypeError(f"unknown quantization options {unknown}")
+  if given and method != "fp8":
+    raise TypeError(
+        f"{given} given with method {method!r}: scaling, product and"
+        " transposed_copy are options of method 'fp8'")
+  if method == "fp8":
+    _fp8.check_options(options.get("scaling", "channel"),
+                       options.get("product", "auto"))
 
 
 def _selectors(sel: Selector) -> list[Any]:
@@ -273,12 +295,20 @@ def quantizer(method: str = "nf4", **options) -> Callable[[str, Any], Any]:
   Examples:
     >>> hook = jlora.quant.quantizer("nf4")
     >>> params = {p: hook(p, read(p)) for p in names}
+    >>> model, params = from_config(cfg, key, scan_layers=True,
+    ...     quantize=jlora.quant.quantizer("fp8", transposed_copy=True))
   """
   if method == "fp8":
     _fp8_only(options.get("block_size", 64), options.get("double_quant", True))
   else:
     _check_args(method, options.get("block_size", 64))
+  _check_fp8_options(method, {k: v for k, v in options.items()
+                              if k not in _LEAF_OPTIONS})
   return functools.partial(_hook, method=method, options=options)
+
+
+_LEAF_OPTIONS = ("block_size", "double_quant", "targets", "exclude",
+                 "compute_dtype", "layout")
 
 
 def _hook(name, array, *, method, options):

@@ -853,3 +853,23 @@ def test_llama_step_with_transposed_copies_scans_them(monkeypatch):
   again = quant.merge_and_quantize(lp)["model"]["layers"]["mlp"]["up_proj"][
       "kernel"]
   assert again.t_axes == kernel.t_axes and again.values_t is not None
+
+
+def test_loader_hook_stacks_transposed_copies():
+  """`from_config` quantizing layer by layer through a hook with
+  transposed_copy: each stacked kernel holds its copy, equal to the
+  transposed values, and the hook refuses FP8 options for other methods."""
+  from jlora.models import ModelConfig, from_config
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                    num_layers=3, num_heads=4, num_kv_heads=2)
+  _, qp = from_config(cfg, KEY, scan_layers=True, quantize=quant.quantizer(
+      "fp8", transposed_copy=True))
+  up = qp["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+  assert up.values.shape == (3, 32, 48) and up.values_t.shape == (3, 48, 32)
+  np.testing.assert_array_equal(
+      np.asarray(up.values, np.float32).transpose(0, 2, 1),
+      np.asarray(up.values_t, np.float32))
+  with pytest.raises(TypeError, match="options of method 'fp8'"):
+    quant.quantizer("nf4", transposed_copy=True)
+  with pytest.raises(ValueError, match="unknown FP8 scaling"):
+    quant.quantizer("fp8", scaling="row")
