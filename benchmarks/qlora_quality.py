@@ -35,6 +35,9 @@ BASES = {
     "fp8": lambda p: jlora.quant.quantize_fp8(p, product="fp8"),
     "fp8t": lambda p: jlora.quant.quantize_fp8(p, scaling="tensor",
                                                product="fp8"),
+    # The LM head in FP8 too (its logits and the hidden states' gradient).
+    "fp8h": lambda p: jlora.quant.quantize_fp8(
+        p, product="fp8", targets=("all-linear", r"lm_head/kernel")),
 }
 CONFIG = models.ModelConfig(vocab_size=256, hidden_size=128,
                             intermediate_size=256, num_layers=2, num_heads=4,

@@ -27,7 +27,8 @@ cuDNN attention with is_causal on GPU) with LoRA through `jlora.apply` +
            FP8 on GPUs that have it (`jlora.quant.quantize_fp8`); fp8t: one
            scale per kernel (per layer), which XLA fuses whole into cuBLASLt;
            fp8k: fp8 with each kernel also stored transposed
-           (`transposed_copy=True`), so neither product transposes it
+           (`transposed_copy=True`), so neither product transposes it;
+           fp8kh: fp8k with the LM head in FP8 too
 
 A system is a preset name from VARIANTS or a spec such as
 "remat=matmuls/ce=2048/offload=gate_proj+up_proj/mb=2" or
@@ -117,10 +118,12 @@ def parse_system(name: str) -> dict:
 
 # base=... -> quantize_fp8 options of the projections' kernels (None: bf16):
 # per channel, per tensor, per channel with a transposed copy (GEMM order
-# for both products).
+# for both products), and that with the LM head in FP8 too.
 FP8_BASES = {"bf16": None, "fp8": dict(scaling="channel"),
              "fp8t": dict(scaling="tensor"),
-             "fp8k": dict(scaling="channel", transposed_copy=True)}
+             "fp8k": dict(scaling="channel", transposed_copy=True),
+             "fp8kh": dict(scaling="channel", transposed_copy=True,
+                           head=True)}
 
 # XLA flag sets a system can name (flags=a+b), set in its process only.
 XLA_FLAGS = {
@@ -178,13 +181,14 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   ids = jax.random.randint(key, (s["batch"], s["seq"] + 1), 0, s["vocab"])
   inputs, labels = ids[:, :-1], ids[:, 1:]
 
-  fp8 = FP8_BASES[opts.get("base", "bf16")]
+  fp8 = dict(FP8_BASES[opts.get("base", "bf16")] or {}) or None
+  fp8_targets = "|".join(TARGETS + (("lm_head",) if fp8 and fp8.pop(
+      "head", False) else ()))
 
   def init(key):
     params = model.init(key, inputs[:1, :8])["params"]
     if fp8 is not None:
-      params = jlora.quant.quantize_fp8(params, targets="|".join(TARGETS),
-                                        **fp8)
+      params = jlora.quant.quantize_fp8(params, targets=fp8_targets, **fp8)
     return params
 
   def adapt(params, key):

@@ -10,6 +10,10 @@ Storage, for a kernel ``w`` whose axes have roles ('b' stacked, 'i' input,
   channel (``scaling="channel"``): size 1 on the input axes, so one scale per
   (stacked index, output index). Per tensor (``"tensor"``): size 1 on every
   axis but the stacked ones.
+- ``values_t`` (``transposed_copy=True``): the same e4m3 values again in the
+  other GEMM order, so that each product reads a stored array with its
+  contracted axes last (what a GPU's FP8 GEMM reads): the forward product
+  contracts the input axes, the backward the output axes.
 
 Each scale is the power of two ``2**k`` with the smallest ``k`` such that
 ``amax / 2**k <= 448`` (e4m3's largest finite value), ``amax`` the absolute

@@ -873,3 +873,46 @@ def test_loader_hook_stacks_transposed_copies():
     quant.quantizer("nf4", transposed_copy=True)
   with pytest.raises(ValueError, match="unknown FP8 scaling"):
     quant.quantizer("fp8", scaling="row")
+
+
+# -- an FP8 LM head in the chunked cross-entropy ------------------------------
+
+def _np_ce(h, qw, sw, y):
+  """Loss and d loss / d h of the FP8 scheme in float64: per-row FP8
+  logits, and the input gradient of the FP8 product."""
+  z = np_product(h, qw, sw)
+  lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+  loss = np.mean(lse - z[np.arange(len(y)), y])
+  dz = np.exp(z - lse[:, None])
+  dz[np.arange(len(y)), y] -= 1
+  return loss, np_input_grad(dz / len(y), qw, sw)
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_fp8_head_in_chunked_cross_entropy(copy, monkeypatch):
+  from jlora.models.losses import chunked_cross_entropy
+  h = gaussian((4, 10, 32), jax.random.key(1), std=1.0)
+  y = jax.random.randint(jax.random.key(2), (4, 10), 0, 96)
+  w = gaussian((32, 96), jax.random.key(3), std=0.2)
+  head = quant.quantize_fp8({"lm_head": {"kernel": w}}, targets="lm_head",
+                            product="fp8", compute_dtype=F32,
+                            transposed_copy=copy)["lm_head"]["kernel"]
+  f = lambda h, head: chunked_cross_entropy(h, head, y, chunk_size=16)
+  loss, dh = jax.jit(jax.value_and_grad(f))(h, head)
+  want, want_dh = _np_ce(np.asarray(h).reshape(40, 32), np.asarray(
+      head.values, np.float64), np.asarray(head.scale, np.float64),
+                         np.asarray(y).reshape(-1))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(dh).reshape(40, 32), want_dh,
+                             rtol=1e-4, atol=1e-4 * np.abs(want_dh).max())
+  # The dense head gives another loss: FP8 numerics, not a dense fallback.
+  assert abs(float(f(h, head.dequantize())) - float(loss)) > 1e-5
+  # The GPU path: both head products are e4m3 GEMMs (in GEMM order with
+  # the copy).
+  monkeypatch.setattr(_fp8, "product_path", lambda product: "gpu")
+  jax.clear_caches()
+  dots = _dots(jax.make_jaxpr(jax.grad(f))(h, head).jaxpr)
+  jax.clear_caches()
+  assert len(dots) == 2 and _contracts_last(dots) == copy
+  with pytest.raises(TypeError, match="FP8 head, which is frozen"):
+    jax.grad(f, argnums=1)(h, dataclasses.replace(head, product="upcast"))

@@ -21,7 +21,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
+
+from jlora import _fp8
 
 __all__ = ["causal_lm_loss", "chunked_cross_entropy"]
 
@@ -60,7 +62,9 @@ def chunked_cross_entropy(
     head: the output projection, either a kernel (H, V) (`lm_head/kernel`) or a
       tied embedding (V, H) (`embed_tokens/embedding`); which one is read from
       the shapes, or from `head_layout` ("kernel" or "embedding") when
-      H == V.
+      H == V. A frozen FP8 kernel (``jlora.quant.quantize_fp8(params,
+      targets=...lm_head...)``) runs both its products (the logits and the
+      hidden states' gradient) in FP8 where `jlora.wrap` would.
     labels: (...) integer targets in [0, V).
     chunk_size: tokens per chunk; the token count is padded up to a multiple
       (padding is masked out).
@@ -197,13 +201,28 @@ def _head_is_embedding(head, h_dim: int, layout: str | None) -> bool:
   )
 
 
+def _head_product(h, head, transpose: bool):
+  """(c, H) @ head -> (c, V) float32. An FP8 head (`jlora.quant`) runs the
+  FP8 product, whose gradient for `h` runs in FP8 too."""
+  dims = (((1,), (1,)) if transpose else ((1,), (0,)), ((), ()))
+
+  def dense(x, w):
+    return lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+  if _fp8.is_fp8(head):
+    return _fp8.dot_general(
+      h, head, True,
+      {"dimension_numbers": dims, "preferred_element_type": jnp.float32},
+      dense)
+  return dense(h, head.astype(h.dtype))
+
+
 def _logits(h, head, transpose: bool, softcap=None):
   """(c, H) @ head -> (c, V) float32 logits, and d capped / d raw (or None)."""
-  dims = ((1,), (1,)) if transpose else ((1,), (0,))
-  z = lax.dot_general(
-    h, head.astype(h.dtype), (dims, ((), ())),
-    preferred_element_type=jnp.float32,
-  )
+  return _capped(_head_product(h, head, transpose), softcap)
+
+
+def _capped(z, softcap):
   if softcap is None:
     return z, None
   u = jnp.tanh(z / softcap)
@@ -252,14 +271,26 @@ def _ce_fwd(h, head, y, w, chunk, transpose, softcap):
   # symbolic_zeros: each argument arrives as CustomVJPPrimal(value, perturbed),
   # so the head gradient (an (H, V) float32 accumulator and one more matmul per
   # chunk) is formed only when the head is being trained.
-  want_dh, want_dw = h.perturbed, head.perturbed
-  h, head, y, w = h.value, head.value, y.value, w.value
-  head_c = head.astype(h.dtype)
+  want_dh, want_dw = h.perturbed, _perturbed(head)
+  h, y, w = h.value, y.value, w.value
+  head = jax.tree.map(lambda p: p.value, head, is_leaf=_is_primal)
+  fp8 = _fp8.is_fp8(head)
+  if fp8 and want_dw:
+    raise TypeError(
+      "the loss is being differentiated with respect to an FP8 head, which "
+      "is frozen (its e4m3 values get no gradient); differentiate with "
+      "respect to the adapters only (jlora.partition)")
+  head_c = head if fp8 else head.astype(h.dtype)
 
   def body(carry, xs):
     total, dw = carry
     h_c, y_c, w_c = xs
-    z, dcap = _logits(h_c, head_c, transpose, softcap)
+    if fp8 and want_dh:  # the FP8 product's own input gradient
+      z, head_vjp = jax.vjp(lambda h_c: _head_product(h_c, head_c, transpose),
+                            h_c)
+      z, dcap = _capped(z, softcap)
+    else:
+      z, dcap = _logits(h_c, head_c, transpose, softcap)
     lse = jax.nn.logsumexp(z, axis=-1)
     picked = jnp.take_along_axis(z, y_c[:, None], axis=-1)[:, 0]
     total = total + jnp.sum((lse - picked) * w_c)
@@ -270,8 +301,10 @@ def _ce_fwd(h, head, y, w, chunk, transpose, softcap):
     dz = (jnp.exp(z - lse[:, None]) - onehot) * w_c[:, None]
     if dcap is not None:
       dz = dz * dcap
-    dz = dz.astype(h.dtype)
     dh = None
+    if fp8 and want_dh:
+      return (total, dw), head_vjp(dz)[0].astype(h.dtype)
+    dz = dz.astype(h.dtype)
     if want_dh:
       dims = ((1,), (0,)) if transpose else ((1,), (1,))
       dh = lax.dot_general(
@@ -295,6 +328,15 @@ def _ce_fwd(h, head, y, w, chunk, transpose, softcap):
   if want_dw:
     dw = dw.astype(head.dtype)
   return total, (dh, dw)
+
+
+def _is_primal(x) -> bool:
+  return isinstance(x, CustomVJPPrimal)
+
+
+def _perturbed(arg) -> bool:
+  """Whether any leaf of a custom_vjp argument (symbolic zeros) is."""
+  return any(p.perturbed for p in jax.tree.leaves(arg, is_leaf=_is_primal))
 
 
 def _ce_bwd(chunk, transpose, softcap, res, g):
