@@ -41,6 +41,7 @@ from jax import lax
 from jax.extend.core import primitives as prims
 
 from jlora._factored import Factored, LayoutError
+from jlora._fp8_kernel import Fp8Kernel
 from jlora._quant_array import is_quantized
 from jlora.node import base_array
 
@@ -274,6 +275,11 @@ def _select_rule(make_op, what: str):
     op = make_op(eqn, invals)
     if op is None:
       return _fuse(eqn, invals)
+    if isinstance(kernel, Fp8Kernel):
+      # No adapter, so no layout to keep: a selection of stacked axes keeps
+      # the FP8 form, any other (an embedding lookup) sees the dense kernel.
+      q = _select_quantized(kernel.w, op)
+      return _fuse(eqn, invals) if q is None else [Fp8Kernel(q)]
     touched = op.touched(tuple(kernel.w.shape))
     # Cutting input or output axes keeps the factors (a slice of w + a @ b
     # is a slice of a or of b); selecting single entries of them does not

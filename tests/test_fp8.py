@@ -916,3 +916,34 @@ def test_fp8_head_in_chunked_cross_entropy(copy, monkeypatch):
   assert len(dots) == 2 and _contracts_last(dots) == copy
   with pytest.raises(TypeError, match="FP8 head, which is frozen"):
     jax.grad(f, argnums=1)(h, dataclasses.replace(head, product="upcast"))
+
+
+def test_bare_fp8_kernels_under_selections():
+  """FP8 kernels without an adapter indexed as models do: a layer of a
+  stacked kernel (static and traced index) keeps the FP8 form, and an
+  embedding lookup (a gather along an axis the scales share) sees the
+  dense table; all equal the dequantized model."""
+  stack = gaussian((3, 16, 12), jax.random.key(1))
+  table = gaussian((40, 16), jax.random.key(2))
+  q = quant.quantize_fp8({"stack": stack, "embed": table},
+                         targets="stack|embed", product="upcast",
+                         compute_dtype=F32, transposed_copy=True)
+  ids = jnp.array([3, 0, 39, 7])
+
+  def fn(p, ids, i):
+    x = p["embed"][ids]                      # (4, 16)
+    return x @ p["stack"][1] + x @ p["stack"][i]
+
+  dense = jax.tree.map(lambda a: a.dequantize(), q,
+                       is_leaf=quant.is_quantized)
+  want = fn(dense, ids, 2)
+  got = jax.jit(jlora.wrap(fn))(q, ids, 2)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  # The layer selections act on the stored arrays: only the selected
+  # layers are dequantized, never the whole (3, 16, 12) stack; the lookup
+  # dequantizes the (40, 16) table.
+  shapes = {a[0] for a in _float_avals(
+      jax.make_jaxpr(jlora.wrap(fn))(q, ids, 2).jaxpr, [])
+            if a[1] == jnp.dtype(F32)}
+  assert (40, 16) in shapes and (16, 12) in shapes
+  assert (3, 16, 12) not in shapes
