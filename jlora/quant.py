@@ -456,11 +456,13 @@ def quantize_fp8(params: Any, *, scaling: str = "channel",
       inferred `Layouts`' weights; the layout's 'i' axes are the input axes
       the scales are shared along).
     compute_dtype: the dtype the kernel dequantizes to and reports.
-    transposed_copy: also store each kernel's values with its input axes
-      last (``Fp8Array.values_t``). A GPU's FP8 GEMM reads both operands
-      with the contracted axes last; the forward product contracts the
-      input axes and the backward the output axes, so with one order stored
-      XLA transposes the kernel for one of them every step. The copy costs
+    transposed_copy: also store each kernel's values in the other GEMM
+      order (``Fp8Array.values_t``: input axes last, or output axes last
+      for a kernel that has its input axes last already). A GPU's FP8 GEMM
+      reads both operands with the contracted axes last; the forward
+      product contracts the input axes and the backward the output axes, so
+      with one order stored XLA transposes the kernel for one of them every
+      step. The copy costs
       the e4m3 values' size again (a bf16 kernel's size in all). On an H200
       it made an 8B LoRA step 4% faster (1.32x bf16's tokens/s against
       1.27x without) at the same peak memory, since XLA otherwise keeps a
