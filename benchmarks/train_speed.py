@@ -181,9 +181,10 @@ def run_jlora(name: str, s: dict, rank: int, alpha: float, steps: int,
   ids = jax.random.randint(key, (s["batch"], s["seq"] + 1), 0, s["vocab"])
   inputs, labels = ids[:, :-1], ids[:, 1:]
 
-  fp8 = dict(FP8_BASES[opts.get("base", "bf16")] or {}) or None
-  fp8_targets = "|".join(TARGETS + (("lm_head",) if fp8 and fp8.pop(
-      "head", False) else ()))
+  fp8 = dict(FP8_BASES[opts.get("base", "bf16")] or {})
+  head = fp8.pop("head", False)
+  fp8_targets = "|".join(TARGETS + (("lm_head",) if head else ()))
+  fp8 = fp8 or None
 
   def init(key):
     params = model.init(key, inputs[:1, :8])["params"]

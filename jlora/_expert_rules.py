@@ -344,6 +344,9 @@ def _ragged_rule(eqn, invals, share=True):
     return _fuse(eqn, invals)
   p = eqn.params
   rdn = p["ragged_dot_dimension_numbers"]
+  bind = lambda x, w: _bind(eqn, [x, w, group_sizes])[0]
+  if isinstance(rhs, Fp8Kernel):  # no adapter, so no layout to keep
+    return [rhs.ragged_dot(lhs, group_sizes, rdn, p, bind)]
   (lc, rc), (lb, rb) = rdn.dot_dimension_numbers
   groups = tuple(rdn.rhs_group_dimensions)
   (ragged,) = rdn.lhs_ragged_dimensions
@@ -359,8 +362,7 @@ def _ragged_rule(eqn, invals, share=True):
   rows = None
   if kernel.group_scales:
     rows = _example_rows(eqn.invars[0], lhs, kernel)
-  return [kernel.ragged_dot(lhs, group_sizes, rdn, p,
-                            lambda x, w: _bind(eqn, [x, w, group_sizes])[0],
+  return [kernel.ragged_dot(lhs, group_sizes, rdn, p, bind,
                             example_rows=rows)]
 
 

@@ -344,10 +344,11 @@ def _copy_order(layout: str) -> tuple[int, ...]:
 
 def _quantize_impl(axes, static, x):
   values, scale = quantize(x.astype(jnp.float32), axes)
-  out = Fp8Array(values, scale, **dict(static))
-  if out.t_tail is not None:
-    out = dataclasses.replace(out, values_t=jnp.transpose(values, out.t_axes))
-  return out, jnp.isfinite(scale).all()
+  static = dict(static)
+  values_t = (None if static["t_tail"] is None else
+              jnp.transpose(values, _full(values.ndim, static["t_tail"])))
+  return (Fp8Array(values, scale, values_t=values_t, **static),
+          jnp.isfinite(scale).all())
 
 
 @functools.lru_cache(maxsize=256)
@@ -418,8 +419,8 @@ class _Spec(NamedTuple):
   emulate: bool
   # pos[k]: the axis of the stored array that kernel axis k is, for the
   # array each product reads (values, or its transposed copy).
-  fwd_pos: tuple[int, ...] = ()
-  bwd_pos: tuple[int, ...] = ()
+  fwd_pos: tuple[int, ...]
+  bwd_pos: tuple[int, ...]
 
   @property
   def x_free(self) -> list[int]:

@@ -20,7 +20,7 @@ from jlora._factored import Factored
 class Fp8Kernel(Factored):
   """A frozen `Fp8Array` in the interpreter: ``x @ w`` with no adapter."""
 
-  group_scales = ()  # one frozen kernel for every example
+  group_scales = ()  # one frozen kernel for every example (the rules ask)
 
   def __init__(self, w: _fp8.Fp8Array):
     self.w = w
@@ -69,13 +69,10 @@ class Fp8Kernel(Factored):
   def shares_input_product(self, x, kernel_is_rhs, params):
     return None  # no adapter input to share
 
-  def _check_contraction(self, kc, kb) -> bool:
-    return True  # no adapter whose layout a product could contradict
-
   def ragged_dot(self, x, group_sizes, dimension_numbers, params: dict,
                  bind, example_rows=None):
-    # XLA has no FP8 grouped GEMM: dequantize per use, as for any product
-    # whose FP8 form XLA lacks.
+    # XLA has no FP8 grouped GEMM: dequantize per use (recomputed, not
+    # saved for the backward pass), as for any product without an FP8 form.
     return _fp8.upcast_product(x, self.w, True, bind)
 
   def dot_general(self, x, kernel_is_rhs: bool, params: dict, bind, t=None):

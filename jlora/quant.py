@@ -261,6 +261,8 @@ def quantize_leaf(name: str, array: Any, method: str = "nf4", *,
 
 
 _FP8_OPTIONS = ("scaling", "product", "transposed_copy")
+_LEAF_OPTIONS = ("block_size", "double_quant", "targets", "exclude",
+                 "compute_dtype", "layout")
 
 
 def _check_fp8_options(method: str, options: dict) -> None:
@@ -306,9 +308,6 @@ def quantizer(method: str = "nf4", **options) -> Callable[[str, Any], Any]:
                               if k not in _LEAF_OPTIONS})
   return functools.partial(_hook, method=method, options=options)
 
-
-_LEAF_OPTIONS = ("block_size", "double_quant", "targets", "exclude",
-                 "compute_dtype", "layout")
 
 
 def _hook(name, array, *, method, options):

@@ -586,7 +586,8 @@ def test_merge_gives_plain_arrays_for_bare_fp8_kernels():
                    jax.random.key(4))
   assert quant.is_fp8(lp["down"]["kernel"])  # bare: no adapter
   fused = jlora.merge(lp)
-  assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(fused))
+  assert not any(quant.is_quantized(v) for v in jax.tree.leaves(
+      fused, is_leaf=quant.is_quantized))
   assert len(jax.tree.leaves(fused)) == len(jax.tree.leaves(
       MLP().init(KEY, x)))
   bare = qp["down"]["kernel"]
@@ -947,3 +948,23 @@ def test_bare_fp8_kernels_under_selections():
             if a[1] == jnp.dtype(F32)}
   assert (40, 16) in shapes and (16, 12) in shapes
   assert (3, 16, 12) not in shapes
+
+
+def test_bare_fp8_experts_are_dequantized_per_grouped_product():
+  """A bare FP8 expert stack in a grouped product (XLA has no FP8 form of
+  it) equals the dense product, and the backward pass dequantizes the
+  stack again (inside a rematerialised call) instead of keeping the
+  forward's dense stack."""
+  q = quant.quantize_fp8({"e": gaussian((3, 16, 12))}, targets="e",
+                         product="fp8", compute_dtype=F32)
+  x = gaussian((6, 16), jax.random.key(2), std=1.0)
+  sizes = jnp.array([2, 3, 1], jnp.int32)
+  fn = lambda p, x: lax.ragged_dot(x, p["e"], sizes)
+  np.testing.assert_allclose(jax.jit(jlora.wrap(fn))(q, x),
+                             fn({"e": q["e"].dequantize()}, x), rtol=1e-6)
+  jaxpr = jax.make_jaxpr(jax.grad(
+      lambda x: jnp.sum(jlora.wrap(fn)(q, x) ** 2)))(x).jaxpr
+  recomputed = [a for e in jaxpr.eqns if e.primitive.name in (
+      "checkpoint", "remat2") for sub in jax.extend.core.jaxprs_in_params(
+          e.params) for a in _float_avals(sub, [])]
+  assert ((3, 16, 12), jnp.dtype(F32)) in recomputed
